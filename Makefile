@@ -1,0 +1,22 @@
+# Two commands on a fresh machine:
+#   make run    install on first use, then start the assistant
+#   make test   install on first use, then run the whole test suite
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test install bench assets clean-cache
+
+install:
+	@scripts/install.sh
+
+run: install
+	$(BIN)/voice-assistant mic $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(ARGS)
+
+assets: install
+	$(BIN)/python audio_assets/make_assets.py
+
+clean-cache:
+	rm -rf ~/.cache/voice-assistant

@@ -1,0 +1,254 @@
+"""``voice-assistant``: the command line.
+
+Commands:
+  converse INPUT --output OUT.wav --report REPORT.json [--fast]
+  mic [--input-device D] [--output-device D]
+  devices
+
+Every user mistake (bad input, bad config, missing model package, no audio
+device) ends with one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, UserError
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="YAML file overriding configs/default.yaml")
+    common.add_argument(
+        "--set", metavar="KEY=VALUE", action="append", default=[], help="override one config key (repeatable)"
+    )
+    common.add_argument("--debug", action="store_true", help="verbose logs and full tracebacks")
+
+    parser = argparse.ArgumentParser(
+        prog="voice-assistant", description="A real-time spoken assistant that runs offline on a CPU."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    converse = sub.add_parser(
+        "converse", parents=[common], help="talk to the assistant through an audio file", description=(
+            "Feed an audio file (any common format, rate, mono or stereo) to the assistant at real-time "
+            "pace and write what it said, on the same timeline, plus a per-turn latency report."
+        )
+    )
+    converse.add_argument("input", metavar="INPUT", help="audio file holding one or more spoken turns")
+    converse.add_argument("--output", "-o", metavar="OUT.wav", help="reply audio on the input's timeline")
+    converse.add_argument("--report", "-r", metavar="REPORT.json", help="per-turn transcripts, replies, milestones")
+    converse.add_argument("--fast", action="store_true", help="feed the input as fast as possible")
+
+    mic = sub.add_parser(
+        "mic", parents=[common], help="live conversation through the microphone and speaker"
+    )
+    mic.add_argument("--input-device", metavar="DEVICE", help="index or name (see `devices`)")
+    mic.add_argument("--output-device", metavar="DEVICE", help="index or name (see `devices`)")
+    mic.add_argument("--report", "-r", metavar="REPORT.json", help="write the turns on exit")
+    mic.add_argument("--max-seconds", type=float, default=None, help="stop after this long")
+
+    sub.add_parser("devices", parents=[common], help="list audio devices")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "devices":
+            from .audio_io import list_devices
+
+            print(list_devices())
+            return 0
+        from .config import load_config
+
+        config = load_config(args.config, args.set)
+        if not debug:
+            for name in ("assistant", "pipeline"):
+                logging.getLogger(name).setLevel(config.log_level.upper())
+        if args.command == "converse":
+            return converse(args, config)
+        if args.command == "mic":
+            return mic(args, config)
+    except UserError as exc:
+        _say(f"error: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _say("stopped")
+        return 130
+    except Exception as exc:  # a bug: one line unless --debug
+        if debug:
+            raise
+        _say(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)")
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------
+# converse
+# --------------------------------------------------------------------------
+
+
+def converse(args: argparse.Namespace, config: Any) -> int:
+    from .audio_io import decode_file
+
+    for flag in ("output", "report"):
+        value = getattr(args, flag)
+        if value and not Path(value).parent.exists():
+            raise InputError(f"--{flag}: folder {Path(value).parent} does not exist")
+    pcm = decode_file(args.input, config.audio.input_rate, config.audio.max_input_seconds)
+    _say(f"input: {args.input}, {len(pcm) / config.audio.input_rate:.1f} s")
+    from .session import count_speech_turns
+
+    if count_speech_turns(pcm, config) == 0:
+        _say("no speech found in the input: nothing to answer")
+        if args.output:
+            from .audio_io import write_wav
+
+            silent = np.zeros(len(pcm) * config.audio.output_rate // config.audio.input_rate, np.int16)
+            write_wav(args.output, silent, config.audio.output_rate)
+        if args.report:
+            _write_report(args.report, args.input, config, None, [], fast=args.fast)
+        return 0
+    from .models import load_models
+
+    models = load_models(config)
+    try:
+        return asyncio.run(_converse(args, config, models, pcm))
+    finally:
+        models.close()
+
+
+async def _converse(args: argparse.Namespace, config: Any, models: Any, pcm: Any) -> int:
+    from pipeline.playback import TimelineOutput
+
+    from .audio_io import write_wav
+    from .session import Session, file_source
+
+    output = TimelineOutput(config.audio.output_rate, config.audio.input_rate)
+    await _warm_up(models)
+    session = Session(models, config, output)
+    session.report.listeners.append(_print_turn(session))
+    _say("conversing" + (" (fast)" if args.fast else " (real-time pace)") + "...")
+    started = time.monotonic()
+    source = file_source(pcm, config.audio.input_rate, config.audio.frame_ms, realtime=not args.fast, start=session.origin)
+    await session.run(source)
+    turns = session.report.to_json()
+    _say(f"done in {time.monotonic() - started:.1f} s: {len(turns)} turn(s)")
+    if args.output:
+        duration = len(pcm) * config.audio.output_rate // config.audio.input_rate
+        write_wav(args.output, output.render(duration), config.audio.output_rate)
+        _say(f"wrote {args.output}")
+    if args.report:
+        _write_report(args.report, args.input, config, session, turns, fast=args.fast)
+        _say(f"wrote {args.report}")
+    return 0
+
+
+async def _warm_up(models: Any) -> None:
+    started = time.monotonic()
+    _say("warming up...")
+    await models.warm_up()
+    _say(f"warm in {time.monotonic() - started:.1f} s")
+
+
+def _print_turn(session: Any):
+    def show(record: Any) -> None:
+        data = session.report.turn_json(record)
+        if record.status == "cancelled" and not record.transcript:
+            return
+        v2v = data["voice_to_voice_ms"]
+        _say(f"  you: {data['transcript']}")
+        if data["reply"]:
+            _say(f"  assistant: {data['reply']}")
+        if v2v is not None:
+            _say(f"  voice-to-voice: {v2v:.0f} ms")
+        if record.status == "cancelled":
+            _say(f"  (turn cancelled: {record.cancel_reason})")
+
+    return show
+
+
+def _write_report(path: str, input_path: str, config: Any, session: Any, turns: list[dict[str, Any]], fast: bool) -> None:
+    from .models import resolve_weights_kind
+
+    report = {
+        "input": str(input_path),
+        "pace": "fast" if fast else "realtime",
+        "models": {
+            "asr": "whisper tiny.en (CTranslate2, int8)",
+            "llm": f"SmolLM2-135M-Instruct on vLLM ({resolve_weights_kind(config)} weights, "
+            f"speculative: {config.llm.speculative.method})",
+            "tts": "piper en_US-joe-medium",
+        },
+        "milestones_origin": "ms since the start of the input",
+        "turns": turns,
+    }
+    Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------
+# mic
+# --------------------------------------------------------------------------
+
+
+def mic(args: argparse.Namespace, config: Any) -> int:
+    from .audio_io import resolve_device
+
+    in_dev = resolve_device(args.input_device, "input")
+    out_dev = resolve_device(args.output_device, "output")
+    from .models import load_models
+
+    models = load_models(config)
+    try:
+        return asyncio.run(_mic(args, config, models, in_dev, out_dev))
+    finally:
+        models.close()
+
+
+async def _mic(args: argparse.Namespace, config: Any, models: Any, in_dev: Any, out_dev: Any) -> int:
+    from .live import LiveAudio
+    from .session import Session
+
+    await _warm_up(models)
+    live = LiveAudio(config, in_dev, out_dev)
+    session = Session(models, config, live.output)
+    session.report.listeners.append(_print_turn(session))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if args.max_seconds:
+        loop.call_later(args.max_seconds, stop.set)
+    with live:
+        _say("listening (Ctrl+C to stop)...")
+        await session.run(live.frames(stop))
+    if args.report:
+        _write_report(args.report, "microphone", config, session, session.report.to_json(), fast=False)
+    _say("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Configuration: typed sections, loaded from YAML, validated at load.
+
+``configs/default.yaml`` is the single source of every default (with a
+comment per key). A user file given with ``--config`` and ``--set key=value``
+overrides are merged over it. Every key is checked against the dataclasses
+below: an unknown key, a missing key or a value of the wrong type is an error
+that names the key (``vad.silence_ms: expected an integer, got 'soon'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+@dataclass
+class AudioConfig:
+    input_rate: int
+    frame_ms: int
+    output_rate: int
+    max_input_seconds: float
+
+
+@dataclass
+class SileroConfig:
+    enabled: bool
+    threshold: float
+
+
+@dataclass
+class VADConfig:
+    aggressiveness: int
+    min_speech_ms: int
+    silence_ms: int
+    pause_ms: int
+    preroll_ms: int
+    max_utterance_s: float
+    silero: SileroConfig
+
+
+@dataclass
+class ASRConfig:
+    model: str
+    compute_type: str
+    threads: int
+    partial_interval_ms: int
+    min_partial_audio_ms: int
+    beam_size: int
+    language: str
+
+
+@dataclass
+class SpeculativeConfig:
+    method: Literal["none", "ngram", "draft_model"]
+    num_speculative_tokens: int
+    prompt_lookup_min: int
+    prompt_lookup_max: int
+    draft_model: str | None
+
+
+@dataclass
+class LLMConfig:
+    model: str
+    weights: Literal["auto", "int4", "fp32"]
+    dtype: str
+    cache_dir: str
+    max_model_len: int
+    kv_cache_gib: float
+    enforce_eager: bool
+    cpu_threads: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    history_tokens: int
+    system_prompt: str
+    speculative: SpeculativeConfig
+
+
+@dataclass
+class ChunkerConfig:
+    first_min_words: int
+    min_words: int
+    max_words: int
+
+
+@dataclass
+class TTSConfig:
+    voice: str
+    length_scale: float
+    threads: int
+
+
+@dataclass
+class Config:
+    audio: AudioConfig
+    vad: VADConfig
+    asr: ASRConfig
+    llm: LLMConfig
+    chunker: ChunkerConfig
+    tts: TTSConfig
+    log_level: Literal["debug", "info", "warning", "error"] = field(default="info")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------
+
+_CHECKS: dict[str, tuple[Any, Any]] = {
+    "audio.input_rate": (16000, 16000),
+    "audio.frame_ms": ({10, 20, 30}, None),
+    "audio.output_rate": (8000, 192000),
+    "audio.max_input_seconds": (1, 3600),
+    "vad.aggressiveness": (0, 3),
+    "vad.min_speech_ms": (0, 5000),
+    "vad.silence_ms": (50, 10000),
+    "vad.pause_ms": (0, 10000),
+    "vad.preroll_ms": (0, 2000),
+    "vad.silero.threshold": (0.0, 1.0),
+    "asr.threads": (1, 64),
+    "asr.partial_interval_ms": (100, 10000),
+    "asr.beam_size": (1, 10),
+    "llm.max_tokens": (1, 4096),
+    "llm.temperature": (0.0, 2.0),
+    "llm.top_p": (0.0, 1.0),
+    "llm.speculative.num_speculative_tokens": (1, 16),
+    "chunker.first_min_words": (1, 50),
+    "chunker.min_words": (1, 100),
+    "chunker.max_words": (2, 200),
+    "tts.length_scale": (0.25, 4.0),
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the file at ``path``, then ``key=value`` overrides."""
+    data = _read_yaml(DEFAULT_CONFIG)
+    if path is not None:
+        _merge(data, _read_yaml(Path(path)), prefix="", source=str(path))
+    for override in overrides or []:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {override!r}: expected key=value, e.g. vad.silence_ms=600")
+        _set_dotted(data, key.strip(), _parse_value(raw))
+    config = _build(Config, data, prefix="")
+    _check_ranges(config)
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any], prefix: str, source: str) -> None:
+    for key, value in extra.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown config key {dotted!r} in {source}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a section (mapping) in {source}")
+            _merge(base[key], value, f"{dotted}.", source)
+        else:
+            base[key] = value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts):
+        dotted = ".".join(parts[: i + 1])
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"unknown config key {dotted!r} (from --set {key}=...)")
+        if i == len(parts) - 1:
+            if isinstance(node[part], dict):
+                raise ConfigError(f"{dotted} is a section; set one of its keys")
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a section (mapping)")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{prefix}{key}'")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        dotted = f"{prefix}{name}"
+        if name not in data:
+            if f.default is not dataclasses.MISSING:
+                continue
+            raise ConfigError(f"missing config key {dotted!r}")
+        values[name] = _coerce(hints[name], data[name], dotted)
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, dotted: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{dotted}.")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, dotted)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            choices = ", ".join(repr(a) for a in allowed)
+            raise ConfigError(f"{dotted}: expected one of {choices}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{dotted}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{dotted}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{dotted}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{dotted}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{dotted}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _check_ranges(config: Config) -> None:
+    for dotted, (low, high) in _CHECKS.items():
+        value: Any = config
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if isinstance(low, set):
+            if value not in low:
+                raise ConfigError(f"{dotted}: expected one of {sorted(low)}, got {value!r}")
+        elif not low <= value <= high:
+            raise ConfigError(f"{dotted}: {value!r} is out of range [{low}, {high}]")
+    if config.chunker.first_min_words > config.chunker.max_words:
+        raise ConfigError("chunker.first_min_words: must not exceed chunker.max_words")
+    if config.vad.pause_ms >= config.vad.silence_ms:
+        raise ConfigError("vad.pause_ms: must be shorter than vad.silence_ms")
+    if config.llm.speculative.method == "draft_model" and not config.llm.speculative.draft_model:
+        raise ConfigError("llm.speculative.draft_model: required when llm.speculative.method is draft_model")

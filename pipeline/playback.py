@@ -1,0 +1,140 @@
+"""The last stage: reply audio to an output, and the turn's closing events.
+
+An :class:`AudioOutput` is where reply audio goes: a live speaker, or a
+:class:`TimelineOutput` that places it on the input's own timeline (for
+``converse INPUT --output OUT.wav``). The stage stamps the moment the first
+sample of a reply plays (:class:`ReplyAudioStarted`, the end point of voice
+to voice latency) and, after the last one, :class:`ReplyAudioEnded` and
+:class:`TurnCompleted`. Cancelling a turn clears its audio from the output
+at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+import numpy as np
+
+from .frames import ReplyAudioEnded, ReplyAudioStarted, SpeechStopped, TTSAudio, TTSDone, TurnCompleted, now
+from .runtime import PipelineContext, Stage
+
+
+class AudioOutput(Protocol):
+    sample_rate: int
+
+    def write(self, turn_id: int, pcm: np.ndarray) -> tuple[float, int]:
+        """Queue audio; return (time its first sample plays, its position)."""
+        ...
+
+    def clear(self, turn_id: int) -> None:
+        """Drop the turn's audio that has not played yet."""
+        ...
+
+    async def drain(self, turn_id: int) -> float:
+        """Wait until the turn's audio has played; return when it ended."""
+        ...
+
+
+class TimelineOutput:
+    """Virtual playback onto the input's timeline, rendered to one array.
+
+    A reply is placed where it would have started playing: at the end of the
+    user's speech plus the time the pipeline took, measured on the monotonic
+    clock from the turn's last voiced frame. Replies never overlap each
+    other; a late chunk leaves the gap a listener would have heard.
+    """
+
+    def __init__(self, sample_rate: int, input_rate: int) -> None:
+        self.sample_rate = sample_rate
+        self._input_rate = input_rate
+        self._anchors: dict[int, tuple[float, float]] = {}  # turn -> (stamp, position)
+        self._pieces: list[tuple[int, np.ndarray, int]] = []  # (position, pcm, turn)
+        self._cursor = 0
+        self._ends: dict[int, float] = {}
+
+    def observe(self, event: Any) -> None:
+        """Bus observer: remember where each user turn ended."""
+        if isinstance(event, SpeechStopped) and event.turn_id is not None:
+            position = event.last_voiced_position * self.sample_rate / self._input_rate
+            self._anchors[event.turn_id] = (event.last_voiced_at, position)
+
+    def _time_of(self, turn_id: int, position: float) -> float:
+        stamp, anchor = self._anchors.get(turn_id, (now(), float(self._cursor)))
+        return stamp + (position - anchor) / self.sample_rate
+
+    def write(self, turn_id: int, pcm: np.ndarray) -> tuple[float, int]:
+        t = now()
+        stamp, anchor = self._anchors.setdefault(turn_id, (t, float(self._cursor)))
+        due = int(round(anchor + (t - stamp) * self.sample_rate))
+        start = max(self._cursor, due)
+        self._pieces.append((start, pcm, turn_id))
+        self._cursor = start + len(pcm)
+        self._ends[turn_id] = self._time_of(turn_id, self._cursor)
+        return self._time_of(turn_id, start), start
+
+    def clear(self, turn_id: int) -> None:
+        """Cut the turn's audio at the point it had reached by now."""
+        played_until = None
+        if turn_id in self._anchors:
+            stamp, anchor = self._anchors[turn_id]
+            played_until = int(anchor + (now() - stamp) * self.sample_rate)
+        kept: list[tuple[int, np.ndarray, int]] = []
+        for start, pcm, owner in self._pieces:
+            if owner != turn_id:
+                kept.append((start, pcm, owner))
+            elif played_until is not None and start < played_until:
+                kept.append((start, pcm[: played_until - start], owner))
+        self._pieces = kept
+        self._cursor = max((s + len(p) for s, p, _ in kept), default=0)
+
+    async def drain(self, turn_id: int) -> float:
+        return self._ends.get(turn_id, now())
+
+    def render(self, min_samples: int = 0) -> np.ndarray:
+        length = max([min_samples] + [s + len(p) for s, p, _ in self._pieces])
+        out = np.zeros(length, dtype=np.int16)
+        for start, pcm, _ in self._pieces:
+            out[start : start + len(pcm)] = pcm
+        return out
+
+
+class PlaybackStage(Stage):
+    """Hands reply audio to the output and closes each turn."""
+
+    name = "playback"
+
+    def __init__(self, ctx: PipelineContext, output: AudioOutput) -> None:
+        super().__init__(ctx)
+        self.output = output
+        self._started: dict[int, int] = {}
+
+    async def handle(self, item: Any) -> None:
+        if isinstance(item, TTSAudio):
+            turn_id = item.turn_id
+            at, position = self.output.write(turn_id, item.pcm)
+            if turn_id not in self._started:
+                self._started[turn_id] = 0
+                turn = self.ctx.turns.get(turn_id)
+                if turn is not None:
+                    turn.on_cancel(lambda: self._cut(turn_id))
+                self.publish(
+                    ReplyAudioStarted(turn_id=turn_id, at=at, position=position, sample_rate=self.output.sample_rate)
+                )
+            self._started[turn_id] += len(item.pcm)
+        elif isinstance(item, TTSDone):
+            turn_id = item.turn_id
+            assert turn_id is not None
+            ended = await self.output.drain(turn_id)
+            samples = self._started.pop(turn_id, 0)
+            self.publish(ReplyAudioEnded(turn_id=turn_id, at=ended, samples=samples))
+            self.publish(TurnCompleted(turn_id=turn_id))
+        else:
+            await self.send(item)
+
+    def _cut(self, turn_id: int) -> None:
+        self.output.clear(turn_id)
+        self._started.pop(turn_id, None)
+
+    async def finish(self) -> None:
+        await asyncio.sleep(0)

@@ -1,0 +1,351 @@
+"""The asyncio machinery every stage shares: channels, turns, cancellation.
+
+Stages never talk to each other directly. Each stage is a task that reads
+from one bounded :class:`Channel` and writes to the next, and publishes the
+events it produces on the :class:`EventBus` for observers (reports, the
+websocket bridge, logs). Everything about *turns* lives here too:
+
+* :class:`TurnRegistry` hands out turn ids and knows which are cancelled.
+* :meth:`Turn.cancel` is the one place a turn is cancelled: it cancels the
+  work each stage is doing for that turn (which aborts the vLLM request and
+  stops synthesis), drops the turn's frames still queued in every channel,
+  and tells the output to stop playing it.
+* Blocking model calls run in executors through :func:`run_blocking` and
+  :func:`iterate_blocking`, so the event loop keeps serving audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+from .frames import END, EndOfStream, Event, StageError, TurnCancelled, now
+
+log = logging.getLogger("pipeline")
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------
+
+
+class EventBus:
+    """Fan-out of events to observers. Observers must be quick and not block."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[Callable[[Event], None]] = []
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def publish(self, event: Event) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:  # an observer must never break the pipeline
+                log.exception("event observer failed on %s", event.kind)
+
+
+# --------------------------------------------------------------------------
+# Turns
+# --------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Turn:
+    """One user utterance and the reply to it: the unit of cancellation."""
+
+    id: int
+    started_at: float = field(default_factory=now)
+    cancelled: bool = False
+    cancel_reason: str | None = None
+    _on_cancel: list[Callable[[], Any]] = field(default_factory=list)
+
+    def on_cancel(self, callback: Callable[[], Any]) -> Callable[[], None]:
+        """Run ``callback`` if the turn is cancelled; returns an unregister."""
+        if self.cancelled:
+            callback()
+            return lambda: None
+        self._on_cancel.append(callback)
+
+        def unregister() -> None:
+            try:
+                self._on_cancel.remove(callback)
+            except ValueError:
+                pass
+
+        return unregister
+
+
+class TurnRegistry:
+    """Hands out turn ids, remembers which turns are cancelled."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+        self._turns: dict[int, Turn] = {}
+        self._next = 1
+        self._channels: list[Channel[Any]] = []
+
+    def new(self) -> Turn:
+        turn = Turn(self._next)
+        self._next += 1
+        self._turns[turn.id] = turn
+        # Keep memory bounded for sessions that run for weeks.
+        if len(self._turns) > 256:
+            for old in sorted(self._turns)[:-128]:
+                del self._turns[old]
+        return turn
+
+    def get(self, turn_id: int) -> Turn | None:
+        return self._turns.get(turn_id)
+
+    def is_cancelled(self, turn_id: int | None) -> bool:
+        if turn_id is None:
+            return False
+        turn = self._turns.get(turn_id)
+        return turn is not None and turn.cancelled
+
+    def attach(self, channel: Channel[Any]) -> None:
+        self._channels.append(channel)
+
+    def cancel(self, turn_id: int, reason: str) -> bool:
+        """Cancel a turn as a whole. Returns False if it was already over."""
+        turn = self._turns.get(turn_id)
+        if turn is None or turn.cancelled:
+            return False
+        turn.cancelled = True
+        turn.cancel_reason = reason
+        callbacks, turn._on_cancel = turn._on_cancel, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("cancel callback failed for turn %d", turn_id)
+        dropped = sum(channel.drop_turn(turn_id) for channel in self._channels)
+        log.debug("turn %d cancelled (%s), %d queued frames dropped", turn_id, reason, dropped)
+        self._bus.publish(TurnCancelled(turn_id=turn_id, reason=reason))
+        return True
+
+
+# --------------------------------------------------------------------------
+# Channels
+# --------------------------------------------------------------------------
+
+
+class Channel(Generic[T]):
+    """A bounded FIFO between two stages that can drop a cancelled turn's items.
+
+    ``put`` waits while the channel is full (back-pressure); ``put_nowait``
+    never waits and drops the oldest item instead, for real-time sources such
+    as a microphone callback that must not block.
+    """
+
+    def __init__(self, name: str, maxsize: int = 64) -> None:
+        self.name = name
+        self.maxsize = maxsize
+        self.overflows = 0
+        self._items: deque[T] = deque()
+        self._data = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def put(self, item: T) -> None:
+        while len(self._items) >= self.maxsize:
+            self._space.clear()
+            await self._space.wait()
+        self._items.append(item)
+        self._data.set()
+
+    def put_nowait(self, item: T) -> None:
+        if len(self._items) >= self.maxsize:
+            self._items.popleft()
+            self.overflows += 1
+        self._items.append(item)
+        self._data.set()
+
+    async def get(self) -> T:
+        while not self._items:
+            self._data.clear()
+            await self._data.wait()
+        item = self._items.popleft()
+        self._space.set()
+        return item
+
+    def drop_turn(self, turn_id: int) -> int:
+        """Remove every queued item that belongs to ``turn_id``."""
+        before = len(self._items)
+        self._items = deque(i for i in self._items if getattr(i, "turn_id", None) != turn_id)
+        self._space.set()
+        return before - len(self._items)
+
+
+# --------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class PipelineContext:
+    """What every stage of one session shares."""
+
+    bus: EventBus
+    turns: TurnRegistry
+
+    def cancel_turn(self, turn_id: int, reason: str) -> bool:
+        return self.turns.cancel(turn_id, reason)
+
+
+class Stage(ABC):
+    """A pipeline stage: a task that turns input items into output items.
+
+    Subclasses implement :meth:`handle`. Work for a turn runs as its own task
+    registered with that turn, so cancelling the turn interrupts it wherever
+    it is (awaiting a token, a synthesis, a queue) without stopping the stage.
+    An exception in :meth:`handle` becomes a :class:`StageError` event and the
+    stage goes on with the next item: one bad turn never ends a session.
+    """
+
+    name: ClassVar[str] = "stage"
+
+    def __init__(self, ctx: PipelineContext) -> None:
+        self.ctx = ctx
+        self.inbox: Channel[Any] = Channel(f"{self.name}.in")
+        self.outbox: Channel[Any] | None = None
+
+    @abstractmethod
+    async def handle(self, item: Any) -> None:
+        """Process one item; call :meth:`send` / :meth:`publish` for results."""
+
+    async def finish(self) -> None:
+        """The input ended: flush whatever is pending. Default: nothing."""
+
+    async def send(self, item: Any) -> None:
+        """Pass an item downstream; events are also published on the bus."""
+        if isinstance(item, Event):
+            self.ctx.bus.publish(item)
+        if self.outbox is not None:
+            await self.outbox.put(item)
+
+    def publish(self, event: Event) -> None:
+        self.ctx.bus.publish(event)
+
+    async def run(self) -> None:
+        while True:
+            item = await self.inbox.get()
+            if isinstance(item, EndOfStream):
+                await self.finish()
+                if self.outbox is not None:
+                    await self.outbox.put(item)
+                return
+            turn_id = getattr(item, "turn_id", None)
+            if self.ctx.turns.is_cancelled(turn_id):
+                continue
+            await self._handle_for_turn(item, turn_id)
+
+    async def _handle_for_turn(self, item: Any, turn_id: int | None) -> None:
+        turn = self.ctx.turns.get(turn_id) if turn_id is not None else None
+        task = asyncio.create_task(self.handle(item), name=f"{self.name}:{turn_id}")
+        unregister = turn.on_cancel(task.cancel) if turn is not None else (lambda: None)
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:  # the stage itself is being stopped
+            task.cancel()
+            raise
+        finally:
+            unregister()
+        if task.cancelled():
+            return  # the turn was cancelled: its work is simply gone
+        exc = task.exception()
+        if exc is not None:
+            log.error("%s failed on turn %s: %s", self.name, turn_id, exc, exc_info=exc)
+            self.publish(StageError(turn_id=turn_id, stage=self.name, message=str(exc) or type(exc).__name__))
+            if turn_id is not None:
+                self.ctx.cancel_turn(turn_id, f"{self.name} failed")
+
+
+def connect(ctx: PipelineContext, stages: list[Stage]) -> None:
+    """Chain stages in order: each one's outbox is the next one's inbox."""
+    for upstream, downstream in zip(stages, stages[1:]):
+        upstream.outbox = downstream.inbox
+    for stage in stages:
+        ctx.turns.attach(stage.inbox)
+
+
+async def run_stages(stages: list[Stage]) -> None:
+    """Run every stage until END has flowed through all of them."""
+    async with asyncio.TaskGroup() as group:
+        for stage in stages:
+            group.create_task(stage.run(), name=f"stage:{stage.name}")
+
+
+async def end_of_input(first: Stage) -> None:
+    await first.inbox.put(END)
+
+
+# --------------------------------------------------------------------------
+# Blocking work
+# --------------------------------------------------------------------------
+
+
+async def run_blocking(executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking model call off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+
+async def iterate_blocking(executor: Executor | None, make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+    """Iterate a blocking generator in an executor, one item at a time.
+
+    Stops pulling as soon as the consumer stops (a cancelled turn), so at
+    most one more item is computed after cancellation.
+    """
+    loop = asyncio.get_running_loop()
+    sentinel = object()
+    iterator: Iterator[T] | None = None
+
+    def start() -> Iterator[T]:
+        return iter(make())
+
+    def step(it: Iterator[T]) -> Any:
+        return next(it, sentinel)
+
+    iterator = await loop.run_in_executor(executor, start)
+    try:
+        while True:
+            item = await loop.run_in_executor(executor, step, iterator)
+            if item is sentinel:
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            loop.run_in_executor(executor, close)
+
+
+class Once:
+    """A thread-safe lazy value: models load once per process."""
+
+    def __init__(self, factory: Callable[[], T]) -> None:
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._value: Any = None
+        self._done = False
+
+    def get(self) -> Any:
+        with self._lock:
+            if not self._done:
+                self._value = self._factory()
+                self._done = True
+            return self._value

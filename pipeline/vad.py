@@ -1,0 +1,194 @@
+"""Voice activity detection: decides when a user turn opens and closes.
+
+webrtcvad classifies every 10/20/30 ms frame. A turn *opens* once enough
+voiced audio (``min_speech_ms``) falls in a short window, so clicks and
+knocks do not open one; optionally Silero (bundled with faster-whisper) must
+agree before it opens. The frames from before the onset (``preroll_ms``)
+travel with :class:`SpeechStarted` so the first syllable is not cut. While
+the turn is open every frame goes downstream tagged with the turn id. After
+``pause_ms`` of silence the VAD announces :class:`SpeechPaused` (recognition
+starts decoding the complete utterance then), and after ``silence_ms`` of
+silence :class:`SpeechStopped` closes the turn.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from .frames import AudioFrame, SpeechPaused, SpeechResumed, SpeechStarted, SpeechStopped
+from .runtime import PipelineContext, Stage
+
+
+class FrameClassifier(Protocol):
+    def is_speech(self, pcm: bytes, sample_rate: int) -> bool: ...
+
+
+@dataclass(frozen=True)
+class VADSettings:
+    frame_ms: int = 20
+    aggressiveness: int = 2
+    min_speech_ms: int = 160
+    silence_ms: int = 480
+    pause_ms: int = 120
+    preroll_ms: int = 300
+    max_utterance_s: float = 20.0
+    silero_threshold: float | None = 0.5  # None: no second opinion
+
+
+class SileroOpinion:
+    """Silero's speech probability over a short window of 16 kHz audio."""
+
+    CHUNK = 512
+
+    def __init__(self) -> None:
+        from faster_whisper.vad import get_vad_model
+
+        self._model = get_vad_model()
+
+    def max_probability(self, pcm: np.ndarray) -> float:
+        audio = pcm.astype(np.float32) / 32768.0
+        pad = (-len(audio)) % self.CHUNK
+        if pad:
+            audio = np.concatenate([audio, np.zeros(pad, np.float32)])
+        if len(audio) == 0:
+            return 0.0
+        probs = self._model(audio)
+        return float(np.max(probs))
+
+
+class VADStage(Stage):
+    """Turns a stream of audio frames into speech turns."""
+
+    name = "vad"
+
+    def __init__(
+        self,
+        ctx: PipelineContext,
+        settings: VADSettings,
+        classifier: FrameClassifier | None = None,
+        silero: Callable[[np.ndarray], float] | None = None,
+    ) -> None:
+        super().__init__(ctx)
+        if classifier is None:
+            import webrtcvad
+
+            classifier = webrtcvad.Vad(settings.aggressiveness)
+        self.settings = settings
+        self._classifier = classifier
+        self._silero = silero
+        frame_ms = settings.frame_ms
+        self._preroll: deque[AudioFrame] = deque(maxlen=max(1, settings.preroll_ms // frame_ms))
+        window = max(1, int(round(settings.min_speech_ms * 1.5 / frame_ms)))
+        self._window: deque[tuple[AudioFrame, bool]] = deque(maxlen=window)
+        self._min_voiced = max(1, settings.min_speech_ms // frame_ms)
+        self._turn_id: int | None = None
+        self._last_voiced: AudioFrame | None = None
+        self._silence_ms = 0
+        self._paused = False
+        self._opened_at_position = 0
+        self._since_silero_check = 0
+        self.rejected_by_silero = 0
+
+    @property
+    def in_speech(self) -> bool:
+        return self._turn_id is not None
+
+    async def handle(self, item: Any) -> None:
+        if not isinstance(item, AudioFrame):
+            await self.send(item)
+            return
+        item = self._fit(item)
+        voiced = self._classifier.is_speech(item.pcm.tobytes(), item.sample_rate)
+        if self._turn_id is None:
+            await self._idle(item, voiced)
+        else:
+            await self._speaking(item, voiced)
+
+    def _fit(self, frame: AudioFrame) -> AudioFrame:
+        """webrtcvad takes exactly 10/20/30 ms: pad or trim a stray frame."""
+        size = frame.sample_rate * self.settings.frame_ms // 1000
+        if len(frame.pcm) != size:
+            pcm = np.zeros(size, np.int16)
+            n = min(size, len(frame.pcm))
+            pcm[:n] = frame.pcm[:n]
+            frame.pcm = pcm
+        return frame
+
+    async def _idle(self, frame: AudioFrame, voiced: bool) -> None:
+        self._window.append((frame, voiced))
+        voiced_count = sum(v for _, v in self._window)
+        if voiced_count >= self._min_voiced and self._second_opinion():
+            await self._open()
+        else:
+            self._preroll.append(frame)
+
+    def _second_opinion(self) -> bool:
+        if self._silero is None:
+            return True
+        # Re-ask at most every third frame while the window stays voiced.
+        if self._since_silero_check > 0:
+            self._since_silero_check -= 1
+            return False
+        audio = np.concatenate([f.pcm for f, _ in self._window])
+        if self._silero(audio) >= (self.settings.silero_threshold or 0.0):
+            return True
+        self.rejected_by_silero += 1
+        self._since_silero_check = 2
+        return False
+
+    async def _open(self) -> None:
+        turn = self.ctx.turns.new()
+        self._turn_id = turn.id
+        window = [f for f, _ in self._window]
+        onset = next(f for f, v in self._window if v)
+        preroll = list(self._preroll) + window
+        self._preroll.clear()
+        self._window.clear()
+        self._last_voiced = window[-1]
+        self._silence_ms = 0
+        self._paused = False
+        self._opened_at_position = preroll[0].position
+        for f in preroll:
+            f.turn_id = turn.id
+        onset_start = onset.captured_at - onset.duration
+        await self.send(
+            SpeechStarted(turn_id=turn.id, onset_at=onset_start, onset_position=onset.position, preroll=preroll)
+        )
+
+    async def _speaking(self, frame: AudioFrame, voiced: bool) -> None:
+        assert self._turn_id is not None and self._last_voiced is not None
+        frame.turn_id = self._turn_id
+        await self.send(frame)
+        if voiced:
+            self._last_voiced = frame
+            self._silence_ms = 0
+            if self._paused:
+                self._paused = False
+                await self.send(SpeechResumed(turn_id=self._turn_id))
+        else:
+            self._silence_ms += self.settings.frame_ms
+        s = self.settings
+        if not self._paused and self._silence_ms >= s.pause_ms:
+            self._paused = True
+            await self.send(SpeechPaused(turn_id=self._turn_id, last_voiced_at=self._last_voiced.captured_at))
+        too_long = (frame.end_position - self._opened_at_position) / frame.sample_rate >= s.max_utterance_s
+        if self._silence_ms >= s.silence_ms or too_long:
+            await self._close()
+
+    async def _close(self) -> None:
+        assert self._turn_id is not None and self._last_voiced is not None
+        turn_id, last = self._turn_id, self._last_voiced
+        self._turn_id = None
+        self._last_voiced = None
+        await self.send(
+            SpeechStopped(turn_id=turn_id, last_voiced_at=last.captured_at, last_voiced_position=last.end_position)
+        )
+
+    async def finish(self) -> None:
+        if self._turn_id is not None:
+            await self._close()

@@ -1,0 +1,71 @@
+"""Shared fixtures: the real models, loaded once for the whole test session.
+
+Loading vLLM takes most of a minute on a 2-core machine, so every test that
+needs a model shares one :class:`assistant.models.Models` and one event loop
+(vLLM's ``AsyncLLM`` binds its output handler to the loop it first ran on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "audio_assets"
+sys.path.insert(0, str(ROOT))
+
+from assistant.audio_io import read_wav  # noqa: E402
+from assistant.config import Config, load_config  # noqa: E402
+
+
+def question_files() -> list[Path]:
+    return sorted((ASSETS / "questions").glob("*.wav"))
+
+
+def expected_text(wav: Path) -> str:
+    return wav.with_suffix(".txt").read_text(encoding="utf-8").strip()
+
+
+@pytest.fixture(scope="session")
+def config() -> Config:
+    return load_config()
+
+
+@pytest.fixture(scope="session")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="session")
+def run(loop: asyncio.AbstractEventLoop) -> Callable[[Coroutine[Any, Any, Any]], Any]:
+    """Run a coroutine on the session's one event loop."""
+    return loop.run_until_complete
+
+
+@pytest.fixture(scope="session")
+def models(config: Config, run: Callable[..., Any]) -> Iterator[Any]:
+    from assistant.models import load_models
+
+    loaded = load_models(config)
+    run(loaded.warm_up())
+    yield loaded
+    loaded.close()
+
+
+@pytest.fixture(scope="session")
+def manifest() -> dict[str, Any]:
+    return json.loads((ASSETS / "manifest.json").read_text(encoding="utf-8"))
+
+
+def load_pcm(path: Path) -> Any:
+    pcm, rate = read_wav(path)
+    assert rate == 16000
+    return pcm

@@ -1,0 +1,73 @@
+"""Configuration: defaults load, overrides apply, bad keys are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from assistant.config import load_config
+from assistant.errors import ConfigError
+
+
+def test_defaults_load_and_hold_every_section() -> None:
+    config = load_config()
+    assert config.audio.input_rate == 16000
+    assert config.vad.aggressiveness in range(4)
+    assert config.llm.speculative.method == "ngram"
+    assert config.llm.system_prompt.startswith("You are")
+
+
+def test_set_overrides_with_types() -> None:
+    config = load_config(None, ["vad.silence_ms=600", "llm.temperature=0.5", "vad.silero.enabled=false"])
+    assert config.vad.silence_ms == 600
+    assert config.llm.temperature == 0.5
+    assert config.vad.silero.enabled is False
+
+
+def test_file_overrides_only_given_keys(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("vad:\n  aggressiveness: 3\nchunker:\n  first_min_words: 2\n")
+    config = load_config(path)
+    assert config.vad.aggressiveness == 3
+    assert config.chunker.first_min_words == 2
+    assert config.chunker.min_words == load_config().chunker.min_words
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("vad.silence=600", "unknown config key 'vad.silence'"),
+        ("nope.x=1", "unknown config key 'nope'"),
+        ("vad.silence_ms=soon", "vad.silence_ms: expected an integer, got 'soon'"),
+        ("vad.aggressiveness=7", "vad.aggressiveness: 7 is out of range [0, 3]"),
+        ("audio.frame_ms=25", "audio.frame_ms: expected one of [10, 20, 30], got 25"),
+        ("llm.weights=int8", "llm.weights: expected one of 'auto', 'int4', 'fp32', got 'int8'"),
+        ("vad.silero.enabled=maybe", "vad.silero.enabled: expected true or false, got 'maybe'"),
+        ("vad=3", "vad is a section"),
+        ("vad.silence_ms", "expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_bad_file_names_the_key_and_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("asr:\n  beam: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'asr.beam' in .*bad.yaml"):
+        load_config(path)
+    path.write_text("asr: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cross_key_rules() -> None:
+    with pytest.raises(ConfigError, match="vad.pause_ms"):
+        load_config(None, ["vad.pause_ms=900", "vad.silence_ms=500"])
+    with pytest.raises(ConfigError, match="draft_model"):
+        load_config(None, ["llm.speculative.method=draft_model"])

@@ -1,0 +1,97 @@
+"""The pipeline plumbing: channels, turn cancellation, stage error isolation."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pipeline.frames import END, Event, LLMToken, StageError, TurnCancelled
+from pipeline.runtime import Channel, EventBus, PipelineContext, Stage, TurnRegistry, connect, run_stages
+
+
+def make_ctx() -> tuple[PipelineContext, list[Event]]:
+    bus = EventBus()
+    events: list[Event] = []
+    bus.subscribe(events.append)
+    return PipelineContext(bus=bus, turns=TurnRegistry(bus)), events
+
+
+def test_channel_is_fifo_bounded_and_drops_a_turn() -> None:
+    async def main() -> None:
+        ch: Channel[Any] = Channel("t", maxsize=2)
+        await ch.put(LLMToken(turn_id=1, text="a", index=0))
+        await ch.put(LLMToken(turn_id=2, text="b", index=0))
+        blocked = asyncio.create_task(ch.put(LLMToken(turn_id=1, text="c", index=1)))
+        await asyncio.sleep(0.01)
+        assert not blocked.done()  # back-pressure
+        assert ch.drop_turn(1) == 1
+        await asyncio.wait_for(blocked, 1)
+        first, second = await ch.get(), await ch.get()
+        assert (first.text, second.text) == ("b", "c")
+        ch.put_nowait(1)
+        ch.put_nowait(2)
+        ch.put_nowait(3)
+        assert ch.overflows == 1 and [await ch.get(), await ch.get()] == [2, 3]
+
+    asyncio.run(main())
+
+
+class Slow(Stage):
+    name = "slow"
+
+    def __init__(self, ctx: PipelineContext) -> None:
+        super().__init__(ctx)
+        self.started = asyncio.Event()
+        self.finished: list[int] = []
+
+    async def handle(self, item: Any) -> None:
+        if item.text == "boom":
+            raise RuntimeError("boom")
+        self.started.set()
+        await asyncio.sleep(10 if item.text == "slow" else 0)
+        self.finished.append(item.turn_id)
+        await self.send(item)
+
+
+def test_cancelling_a_turn_interrupts_its_work_and_drops_its_frames() -> None:
+    async def main() -> None:
+        ctx, events = make_ctx()
+        stage = Slow(ctx)
+        sink: Channel[Any] = Channel("sink", 100)
+        connect(ctx, [stage])
+        stage.outbox = sink
+        one, two = ctx.turns.new(), ctx.turns.new()
+        await stage.inbox.put(LLMToken(turn_id=one.id, text="slow", index=0))
+        await stage.inbox.put(LLMToken(turn_id=one.id, text="queued", index=1))
+        await stage.inbox.put(LLMToken(turn_id=two.id, text="fast", index=0))
+        await stage.inbox.put(END)
+        runner = asyncio.create_task(run_stages([stage]))
+        await asyncio.wait_for(stage.started.wait(), 1)
+        assert ctx.cancel_turn(one.id, "test")
+        assert not ctx.cancel_turn(one.id, "again")  # once only
+        await asyncio.wait_for(runner, 2)
+        assert stage.finished == [two.id]
+        assert [e.reason for e in events if isinstance(e, TurnCancelled)] == ["test"]
+        out = [await sink.get() for _ in range(len(sink))]
+        assert [getattr(o, "text", None) for o in out] == ["fast", None]  # then END
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("slow:") and not t.done()]
+
+    asyncio.run(main())
+
+
+def test_a_failing_turn_becomes_an_error_event_and_the_stage_goes_on() -> None:
+    async def main() -> None:
+        ctx, events = make_ctx()
+        stage = Slow(ctx)
+        connect(ctx, [stage])
+        stage.outbox = Channel("sink", 10)
+        bad, good = ctx.turns.new(), ctx.turns.new()
+        await stage.inbox.put(LLMToken(turn_id=bad.id, text="boom", index=0))
+        await stage.inbox.put(LLMToken(turn_id=good.id, text="ok", index=0))
+        await stage.inbox.put(END)
+        await asyncio.wait_for(stage.run(), 2)
+        errors = [e for e in events if isinstance(e, StageError)]
+        assert len(errors) == 1 and errors[0].stage == "slow" and errors[0].message == "boom"
+        assert ctx.turns.is_cancelled(bad.id) and stage.finished == [good.id]
+
+    asyncio.run(main())
