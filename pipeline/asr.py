@@ -12,9 +12,11 @@ The final transcript reuses that work instead of starting from scratch:
    while the silence hangover is still running. When the hangover ends
    (:class:`SpeechStopped`) that decode is usually finished or nearly so and
    becomes the final transcript: no decode at all after the user stopped.
-2. If the user spoke again after that decode started, the final decode runs
-   with the committed words forced as the decoder prefix, so only the
-   uncommitted tail is generated.
+2. If the user spoke again after that decode started, one more decode of the
+   whole utterance runs (Whisper's encoder sees a fixed 30 s window, so a
+   "tail only" decode would cost the same). Committed words are not forced
+   as a decoder prefix: an early wrong word, committed from a short buffer,
+   then poisoned every later decode (seen: "Do do do ..." loops).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -60,8 +63,18 @@ class WhisperTranscriber:
         self.language = language
 
     def __call__(self, audio: np.ndarray, prefix: str | None) -> str:
+        text = self._decode(audio, prefix)
+        if prefix and degenerate(text):
+            text = self._decode(audio, None)  # a wrong prefix can start a loop
+        return collapse_repeats(text) if degenerate(text) else text
+
+    def _decode(self, audio: np.ndarray, prefix: str | None) -> str:
+        # Speech runs at 2-4 tokens a second; a cap well above that stops a
+        # repetition loop early instead of decoding 200 tokens of "do do do".
+        seconds = len(audio) / 16000
         segments, _info = self.model.transcribe(
             audio,
+            max_new_tokens=int(12 + 8 * seconds),
             language=self.language,
             beam_size=self.beam_size,
             temperature=0.0,
@@ -77,6 +90,29 @@ class WhisperTranscriber:
 
 
 _WORD_NORM = re.compile(r"[^\w']+")
+
+
+def degenerate(text: str) -> bool:
+    """Whisper's failure mode on short audio: a word or phrase repeated on and on."""
+    words = [_norm(w) for w in text.split()]
+    if len(words) < 6:
+        return False
+    run = 1
+    for a, b in zip(words, words[1:]):
+        run = run + 1 if a == b else 1
+        if run >= 4:
+            return True
+    data = text.encode()
+    return len(data) > 40 and len(data) / len(zlib.compress(data)) > 2.4
+
+
+def collapse_repeats(text: str) -> str:
+    """Keep one of each run of repeated words (the best a looped decode offers)."""
+    out: list[str] = []
+    for word in text.split():
+        if not out or _norm(out[-1]) != _norm(word):
+            out.append(word)
+    return " ".join(out)
 
 
 def _norm(word: str) -> str:
@@ -187,7 +223,7 @@ class ASRStage(Stage):
                     turn.on_cancel(self._final_chain.cancel)
 
     def _start_decode(self, utt: _Utterance) -> None:
-        prefix = " ".join(utt.committed)
+        prefix = ""
         samples = utt.samples
         audio = utt.audio(samples)
         task = asyncio.create_task(self._decode(audio, prefix))
@@ -241,7 +277,7 @@ class ASRStage(Stage):
         if text is None:
             if latest is not None and not latest.task.done():
                 await asyncio.wait({latest.task})  # one decode at a time
-            text = await self._decode(utt.audio(utt.samples), " ".join(utt.committed))
+            text = await self._decode(utt.audio(utt.samples), "")
         text = text.strip()
         decode_ms = (time.perf_counter() - started) * 1000
         if not _has_words(text):

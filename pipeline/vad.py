@@ -82,9 +82,10 @@ class VADStage(Stage):
         self._classifier = classifier
         self._silero = silero
         frame_ms = settings.frame_ms
-        self._preroll: deque[AudioFrame] = deque(maxlen=max(1, settings.preroll_ms // frame_ms))
-        window = max(1, int(round(settings.min_speech_ms * 1.5 / frame_ms)))
-        self._window: deque[tuple[AudioFrame, bool]] = deque(maxlen=window)
+        self._preroll_frames = max(0, settings.preroll_ms // frame_ms)
+        self._window_frames = max(1, int(round(settings.min_speech_ms * 1.5 / frame_ms)))
+        # Recent frames while idle: the decision window plus the pre-roll before it.
+        self._recent: deque[tuple[AudioFrame, bool]] = deque(maxlen=self._preroll_frames + self._window_frames)
         self._min_voiced = max(1, settings.min_speech_ms // frame_ms)
         self._turn_id: int | None = None
         self._last_voiced: AudioFrame | None = None
@@ -119,13 +120,14 @@ class VADStage(Stage):
             frame.pcm = pcm
         return frame
 
+    def _window(self) -> list[tuple[AudioFrame, bool]]:
+        return list(self._recent)[-self._window_frames :]
+
     async def _idle(self, frame: AudioFrame, voiced: bool) -> None:
-        self._window.append((frame, voiced))
-        voiced_count = sum(v for _, v in self._window)
-        if voiced_count >= self._min_voiced and self._second_opinion():
+        self._recent.append((frame, voiced))
+        voiced_count = sum(v for _, v in self._window())
+        if voiced and voiced_count >= self._min_voiced and self._second_opinion():
             await self._open()
-        else:
-            self._preroll.append(frame)
 
     def _second_opinion(self) -> bool:
         if self._silero is None:
@@ -134,7 +136,7 @@ class VADStage(Stage):
         if self._since_silero_check > 0:
             self._since_silero_check -= 1
             return False
-        audio = np.concatenate([f.pcm for f, _ in self._window])
+        audio = np.concatenate([f.pcm for f, _ in self._window()])
         if self._silero(audio) >= (self.settings.silero_threshold or 0.0):
             return True
         self.rejected_by_silero += 1
@@ -144,12 +146,13 @@ class VADStage(Stage):
     async def _open(self) -> None:
         turn = self.ctx.turns.new()
         self._turn_id = turn.id
-        window = [f for f, _ in self._window]
-        onset = next(f for f, v in self._window if v)
-        preroll = list(self._preroll) + window
-        self._preroll.clear()
-        self._window.clear()
-        self._last_voiced = window[-1]
+        recent = list(self._recent)
+        window_start = len(recent) - len(self._window())
+        onset_index = next(i for i in range(window_start, len(recent)) if recent[i][1])
+        onset = recent[onset_index][0]
+        preroll = [f for f, _ in recent[max(0, onset_index - self._preroll_frames) :]]
+        self._recent.clear()
+        self._last_voiced = preroll[-1]
         self._silence_ms = 0
         self._paused = False
         self._opened_at_position = preroll[0].position

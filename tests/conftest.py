@@ -16,20 +16,10 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-ASSETS = ROOT / "audio_assets"
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from assistant.audio_io import read_wav  # noqa: E402
 from assistant.config import Config, load_config  # noqa: E402
-
-
-def question_files() -> list[Path]:
-    return sorted((ASSETS / "questions").glob("*.wav"))
-
-
-def expected_text(wav: Path) -> str:
-    return wav.with_suffix(".txt").read_text(encoding="utf-8").strip()
+from helpers import ASSETS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -63,9 +53,3 @@ def models(config: Config, run: Callable[..., Any]) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def manifest() -> dict[str, Any]:
     return json.loads((ASSETS / "manifest.json").read_text(encoding="utf-8"))
-
-
-def load_pcm(path: Path) -> Any:
-    pcm, rate = read_wav(path)
-    assert rate == 16000
-    return pcm

@@ -28,6 +28,9 @@ How it works:
   sink's clock plays the feed at real-time pace and gives silence otherwise.
   At 16 kHz mono and 100 % volume the program receives the fed samples
   unchanged.
+* A ``pacat`` playing zeros at low latency into each null sink keeps it
+  rendering in small real-time blocks (an idle null sink renders 2 s ahead
+  and a recorder that connects then waits up to 2 s for its first data).
 * PortAudio on Debian talks to ALSA: ``ALSA_CONFIG_PATH`` in ``.env`` points
   at a generated ALSA config whose ``default`` PCM is the ``pulse`` plugin
   (package ``libasound2-plugins``). ``PULSE_SERVER`` / ``PULSE_SINK`` /
@@ -42,7 +45,8 @@ a ``VirtualAudio`` from the same, long-lived thread.
 Requires the Debian packages ``pulseaudio`` (which pulls in
 ``pulseaudio-utils`` and ``libasound2-plugins``). Without them
 :class:`VirtualAudioUnavailable` is raised; :func:`unavailable_reason` says
-why without starting anything.
+why without starting anything, and :func:`skip_if_unavailable` skips a pytest
+test (or fails it when ``VIRTUAL_AUDIO_REQUIRED=1``).
 """
 
 from __future__ import annotations
@@ -93,6 +97,21 @@ def unavailable_reason() -> Optional[str]:
         return ("virtual audio needs the ALSA pulse plugin libasound_module_pcm_pulse.so "
                 "(apt-get install libasound2-plugins)")
     return None
+
+
+def skip_if_unavailable() -> None:
+    """For pytest: skip the test when virtual audio cannot work here.
+
+    With ``VIRTUAL_AUDIO_REQUIRED=1`` in the environment (CI, where the
+    Makefile installed PulseAudio) the test fails instead of skipping.
+    """
+    reason = unavailable_reason()
+    if reason:
+        import pytest
+
+        if os.environ.get("VIRTUAL_AUDIO_REQUIRED") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
 
 
 def _pdeathsig() -> None:  # runs in the child between fork and exec
@@ -301,9 +320,10 @@ class VirtualAudio:
 
         An idle null sink renders up to 2 s ahead and then sleeps, so a
         recorder that connects later gets nothing for up to 2 s and then a
-        burst. A low-latency stream of zeros into each sink keeps its latency
-        at a few ms from the start (connecting it also resets the sink's
-        clock). Adding zeros leaves the mixed samples unchanged.
+        burst. A low-latency stream of zeros into each sink keeps its block
+        size at a few ms (adding zeros leaves the mixed samples unchanged);
+        a suspend/resume then restarts its clock, and a probe recording
+        checks that each monitor delivers audio at once.
         """
         for sink, rate in ((SPEAKER_SINK, self.speaker_rate), (MIC_FEED_SINK, self.mic_rate)):
             idx = self._index("sinks", sink)
@@ -317,6 +337,39 @@ class VirtualAudio:
                     stderr=subprocess.PIPE, preexec_fn=_pdeathsig)
             self._keepalives.append(proc)
             self._wait_stream(proc, "sink-inputs", idx, before, f"pacat (keepalive {sink})")
+            # The sink still sleeps until the end of the 2 s it rendered ahead
+            # when it was created; suspending and resuming it restarts its
+            # clock at "now", with the small block size set by the keepalive.
+            self._pactl("suspend-sink", sink, "1")
+            self._pactl("suspend-sink", sink, "0")
+        for monitor in (SPEAKER_MONITOR, MIC_SOURCE):
+            self._probe(monitor)
+
+    def _probe(self, monitor: str, timeout: float = 5.0) -> float:
+        """Wait until a recorder on ``monitor`` gets data; returns the seconds it took."""
+        t0 = time.monotonic()
+        proc = subprocess.Popen(
+            ["parec", "--raw", "--format=s16le", "--rate=8000", "--channels=1",
+             "--latency-msec=20", f"--device={monitor}", "--client-name=virtual-audio-probe"],
+            env=self._client_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, preexec_fn=_pdeathsig)
+        try:
+            fd = proc.stdout.fileno()
+            os.set_blocking(fd, False)
+            while time.monotonic() - t0 < timeout:
+                try:
+                    if os.read(fd, 4096):
+                        return time.monotonic() - t0
+                except BlockingIOError:
+                    pass
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.005)
+            raise RuntimeError(f"no audio from {monitor} within {timeout} s:\n"
+                               + self.log_text()[-2000:])
+        finally:
+            _stop_process(proc)
+            proc.stdout.close()
 
     def stop(self) -> None:
         """End every process started here (idempotent)."""
@@ -333,6 +386,8 @@ class VirtualAudio:
             self._keepalives = []
             _stop_process(self._daemon)
             self._daemon = None
+            for raw in self.workdir.glob("mic_feed_*.raw"):
+                raw.unlink(missing_ok=True)
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None

@@ -1,0 +1,41 @@
+"""Helpers shared by the tests: the committed speech and transcript checks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "audio_assets"
+
+
+def question_files() -> list[Path]:
+    return sorted((ASSETS / "questions").glob("*.wav"))
+
+
+def expected_text(wav: Path) -> str:
+    return wav.with_suffix(".txt").read_text(encoding="utf-8").strip()
+
+
+def load_pcm(path: Path) -> Any:
+    from assistant.audio_io import read_wav
+
+    pcm, rate = read_wav(path)
+    assert rate == 16000
+    return pcm
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words without punctuation, for comparing transcripts."""
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    ref, hyp = words(reference), words(hypothesis)
+    d = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, d[0] = d[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
+    return d[len(hyp)] / max(1, len(ref))

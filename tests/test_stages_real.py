@@ -1,0 +1,192 @@
+"""Each stage on its own, with the real model, on the committed speech."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from assistant.audio_io import Resampler
+from assistant.session import file_source
+from pipeline.asr import ASRStage, WhisperTranscriber
+from pipeline.frames import (
+    END,
+    Event,
+    LLMDone,
+    LLMToken,
+    SpeechPaused,
+    SpeechStarted,
+    SpeechStopped,
+    TextChunk,
+    TranscriptFinal,
+    TranscriptPartial,
+    TTSAudio,
+    TTSDone,
+)
+from pipeline.llm import Conversation, LLMStage
+from pipeline.runtime import Channel, EventBus, PipelineContext, Stage, TurnRegistry, connect, run_stages
+from pipeline.tts import PiperSynthesizer, TTSStage
+from pipeline.vad import SileroOpinion, VADSettings, VADStage
+
+from helpers import ASSETS, expected_text, load_pcm, question_files, word_error_rate
+
+pytestmark = pytest.mark.slow
+
+
+def context() -> tuple[PipelineContext, list[Event]]:
+    bus = EventBus()
+    events: list[Event] = []
+    bus.subscribe(events.append)
+    return PipelineContext(bus=bus, turns=TurnRegistry(bus)), events
+
+
+async def drive(stages: list[Stage], items: list[Any]) -> list[Any]:
+    """Push items (then END) through connected stages; return what came out."""
+    ctx = stages[0].ctx
+    connect(ctx, stages)
+    sink: Channel[Any] = Channel("sink", 100_000)
+    stages[-1].outbox = sink
+
+    async def feed() -> None:
+        for item in items:
+            await stages[0].inbox.put(item)
+        await stages[0].inbox.put(END)
+
+    await asyncio.gather(feed(), run_stages(stages))
+    return [await sink.get() for _ in range(len(sink))]
+
+
+def vad_stage(ctx: PipelineContext, config: Any, silero: bool = True) -> VADStage:
+    v = config.vad
+    return VADStage(
+        ctx,
+        VADSettings(config.audio.frame_ms, v.aggressiveness, v.min_speech_ms, v.silence_ms, v.pause_ms, v.preroll_ms),
+        silero=SileroOpinion().max_probability if silero else None,
+    )
+
+
+async def frames_of(pcm: np.ndarray) -> list[Any]:
+    return [f async for f in file_source(pcm, 16000, 20, realtime=False)]
+
+
+@pytest.mark.parametrize("wav", question_files(), ids=lambda p: p.stem)
+def test_vad_finds_one_turn_where_the_speech_is(wav: Any, config: Any, manifest: dict[str, Any]) -> None:
+    ctx, events = context()
+    asyncio.run(drive([vad_stage(ctx, config)], asyncio.run(frames_of(load_pcm(wav)))))
+    starts = [e for e in events if isinstance(e, SpeechStarted)]
+    stops = [e for e in events if isinstance(e, SpeechStopped)]
+    assert len(starts) == len(stops) == 1
+    begin, end = manifest["files"][f"questions/{wav.name}"]["speech_s"]
+    assert abs(starts[0].onset_position / 16000 - begin) < 0.2
+    assert abs(stops[0].last_voiced_position / 16000 - end) < 0.25
+    # the pre-roll reaches back before the onset, so the first syllable is kept
+    assert starts[0].preroll[0].position < starts[0].onset_position
+    assert any(isinstance(e, SpeechPaused) for e in events)
+
+
+def test_vad_ignores_silence_and_short_bursts(config: Any) -> None:
+    rng = np.random.default_rng(0)
+    pcm = (rng.normal(0, 30, 16000 * 3)).astype(np.int16)
+    # three 100-200 ms noise bursts (a knock, a cough-like blip)
+    for start, ms in ((8000, 100), (24000, 150), (36000, 200)):
+        n = 16 * ms
+        pcm[start : start + n] = (rng.normal(0, 6000, n) * np.hanning(n)).astype(np.int16)
+    ctx, events = context()
+    asyncio.run(drive([vad_stage(ctx, config)], asyncio.run(frames_of(pcm))))
+    assert not [e for e in events if isinstance(e, SpeechStarted)]
+    silence = load_pcm(ASSETS / "misc" / "silence.wav")
+    ctx, events = context()
+    asyncio.run(drive([vad_stage(ctx, config)], asyncio.run(frames_of(silence))))
+    assert not [e for e in events if isinstance(e, SpeechStarted)]
+
+
+def test_vad_splits_two_turns(config: Any) -> None:
+    ctx, events = context()
+    pcm = load_pcm(ASSETS / "conversation" / "two_turns.wav")
+    asyncio.run(drive([vad_stage(ctx, config)], asyncio.run(frames_of(pcm))))
+    starts = [e for e in events if isinstance(e, SpeechStarted)]
+    assert len(starts) == 2 and starts[0].turn_id != starts[1].turn_id
+
+
+@pytest.mark.parametrize("wav", question_files(), ids=lambda p: p.stem)
+def test_asr_streams_partials_and_a_final(wav: Any, config: Any, models: Any, run: Any) -> None:
+    ctx, events = context()
+    asr = ASRStage(ctx, WhisperTranscriber(models.whisper), models.asr_executor)
+
+    async def stream() -> list[Any]:
+        # Real-time pace, so partial decodes happen while "the user speaks".
+        vad = vad_stage(ctx, config)
+        connect(ctx, [vad, asr])
+        sink: Channel[Any] = Channel("sink", 10_000)
+        asr.outbox = sink
+
+        async def feed() -> None:
+            async for f in file_source(load_pcm(wav), 16000, 20, realtime=True):
+                await vad.inbox.put(f)
+            await vad.inbox.put(END)
+
+        await asyncio.gather(feed(), run_stages([vad, asr]))
+        return [await sink.get() for _ in range(len(sink))]
+
+    out = run(stream())
+    finals = [o for o in out if isinstance(o, TranscriptFinal)]
+    assert len(finals) == 1
+    final = finals[0]
+    assert word_error_rate(expected_text(wav), final.text) <= 0.2, final.text
+    partials = [e for e in events if isinstance(e, TranscriptPartial)]
+    assert partials, "no partial transcript while speaking"
+    stopped = next(e for e in events if isinstance(e, SpeechStopped))
+    assert final.at >= stopped.at
+    # the stable prefix only ever grows
+    stable = [p.stable.split() for p in partials]
+    for a, b in zip(stable, stable[1:]):
+        assert b[: len(a)] == a
+
+
+def test_llm_streams_a_spoken_style_answer(models: Any, config: Any, run: Any) -> None:
+    ctx, events = context()
+    conversation = Conversation(config.llm.system_prompt, config.llm.history_tokens, models.llm.count_tokens)
+    turn = ctx.turns.new()
+    stage = LLMStage(ctx, models.llm, conversation, "test")
+    out = run(drive([stage], [TranscriptFinal(turn_id=turn.id, text="What is the capital of France?")]))
+    tokens = [o for o in events if isinstance(o, LLMToken)]
+    done = [o for o in out if isinstance(o, LLMDone)]
+    assert len(tokens) >= 2 and len(done) == 1
+    assert "".join(t.text for t in tokens).strip() == done[0].text
+    assert "paris" in done[0].text.lower()
+    assert [m["role"] for m in conversation.messages()] == ["system", "user", "assistant"]
+    assert models.llm.pending_requests() == 0
+
+
+def test_conversation_history_stays_within_its_token_budget(models: Any) -> None:
+    conversation = Conversation("Be brief.", budget=60, count_tokens=models.llm.count_tokens)
+    for i in range(20):
+        conversation.add_user(f"Question number {i} about something rather long and wordy?")
+        conversation.add_assistant(f"Answer number {i}, which is also not short at all.")
+    messages = conversation.messages()
+    assert messages[0] == {"role": "system", "content": "Be brief."}
+    assert messages[1]["role"] == "user" and "19" in messages[-1]["content"]
+    used = sum(models.llm.count_tokens(m["content"]) + 4 for m in messages[1:])
+    assert used <= 60 and len(messages) < 41
+
+
+def test_tts_speaks_each_chunk_at_the_output_rate(models: Any, config: Any, run: Any) -> None:
+    ctx, events = context()
+    turn = ctx.turns.new()
+    stage = TTSStage(ctx, PiperSynthesizer(models.piper), models.tts_executor, 16000, Resampler)
+    chunks = [
+        TextChunk(turn_id=turn.id, text="The capital of France is Paris,", index=0),
+        TextChunk(turn_id=turn.id, text="a city of lights.", index=1, last=True),
+    ]
+    out = run(drive([stage], chunks))
+    audio = [o for o in out if isinstance(o, TTSAudio)]
+    assert audio and all(a.sample_rate == 16000 for a in audio)
+    assert [a.chunk_index for a in audio] == sorted(a.chunk_index for a in audio)
+    pcm = np.concatenate([a.pcm for a in audio])
+    assert 1.5 < len(pcm) / 16000 < 6
+    assert any(isinstance(o, TTSDone) for o in out)
+    segments, _ = models.whisper.transcribe(pcm.astype(np.float32) / 32768, language="en", beam_size=1)
+    heard = " ".join(s.text for s in segments)
+    assert word_error_rate("The capital of France is Paris, a city of lights.", heard) <= 0.3, heard
