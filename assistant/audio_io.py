@@ -617,7 +617,7 @@ def resolve_device(spec: str | int | None, kind: Kind) -> int | None:
         raise ValueError(f"kind must be 'input' or 'output', got {kind!r}")
     sd = _sounddevice()
     channels_key = "max_input_channels" if kind == "input" else "max_output_channels"
-    what = "microphone" if kind == "input" else "speakers or headphones"
+    what = "a microphone" if kind == "input" else "speakers or headphones"
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         if _default_index(sd, kind) is None:
             raise DeviceError(
