@@ -294,34 +294,14 @@ def _write_int4(gguf_path: pathlib.Path, out: pathlib.Path) -> None:
     from safetensors.torch import save_file
 
     model, tokenizer = _load_dequantized(gguf_path)
-    layers = model.model.layers
-    hessians = _calibration_hessians(model, tokenizer)
-    tensors: dict[str, "torch.Tensor"] = {}
-    done = set()
-    for index, layer in enumerate(layers):
-        for group in _LINEAR_GROUPS:
-            modules = [layer.get_submodule(name) for name in group]
-            for name, module in zip(group, modules):
-                if not isinstance(module, torch.nn.Linear) or module.bias is not None:
-                    raise ModelError(f"unexpected layer model.layers.{index}.{name}; cannot make int4 weights")
-            weight = torch.cat([m.weight.detach().float() for m in modules], dim=0)
-            q, z, scale = _gptq(weight, hessians[(index, group[0])], GROUP_SIZE)
-            row = 0
-            for name, module in zip(group, modules):
-                rows = module.weight.shape[0]
-                prefix = f"model.layers.{index}.{name}"
-                tensors[f"{prefix}.weight_packed"] = _pack_int4(q[row:row + rows], dim=1)
-                tensors[f"{prefix}.weight_zero_point"] = _pack_int4(z[row:row + rows], dim=0)
-                tensors[f"{prefix}.weight_scale"] = scale[row:row + rows].contiguous()
-                tensors[f"{prefix}.weight_shape"] = torch.tensor(list(module.weight.shape), dtype=torch.int64)
-                done.add(prefix)
-                row += rows
-    for name, tensor in model.state_dict().items():
-        if name.rsplit(".", 1)[0] in done or name == "lm_head.weight":  # lm_head is tied
-            continue
-        tensors[name] = tensor.detach().float().contiguous()
-    if not model.config.tie_word_embeddings:
-        raise ModelError("expected tied embeddings in the SmolLM2 GGUF; cannot make int4 weights")
+    # One thread: these are many small ops, and on a 2-core box shared with
+    # other busy processes, two OpenMP threads made them ~10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tensors = _int4_tensors(model, tokenizer)
+    finally:
+        torch.set_num_threads(threads)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     config = model.config.to_dict()
@@ -352,6 +332,40 @@ def _write_int4(gguf_path: pathlib.Path, out: pathlib.Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _int4_tensors(model, tokenizer) -> dict:
+    """All tensors of the int4 checkpoint, named as compressed-tensors names them."""
+    import torch
+
+    hessians = _calibration_hessians(model, tokenizer)
+    tensors: dict[str, "torch.Tensor"] = {}
+    done = set()
+    for index, layer in enumerate(model.model.layers):
+        for group in _LINEAR_GROUPS:
+            modules = [layer.get_submodule(name) for name in group]
+            for name, module in zip(group, modules):
+                if not isinstance(module, torch.nn.Linear) or module.bias is not None:
+                    raise ModelError(f"unexpected layer model.layers.{index}.{name}; cannot make int4 weights")
+            weight = torch.cat([m.weight.detach().float() for m in modules], dim=0)
+            q, z, scale = _gptq(weight, hessians[(index, group[0])], GROUP_SIZE)
+            row = 0
+            for name, module in zip(group, modules):
+                rows = module.weight.shape[0]
+                prefix = f"model.layers.{index}.{name}"
+                tensors[f"{prefix}.weight_packed"] = _pack_int4(q[row:row + rows], dim=1)
+                tensors[f"{prefix}.weight_zero_point"] = _pack_int4(z[row:row + rows], dim=0)
+                tensors[f"{prefix}.weight_scale"] = scale[row:row + rows].contiguous()
+                tensors[f"{prefix}.weight_shape"] = torch.tensor(list(module.weight.shape), dtype=torch.int64)
+                done.add(prefix)
+                row += rows
+    for name, tensor in model.state_dict().items():
+        if name.rsplit(".", 1)[0] in done or name == "lm_head.weight":  # lm_head is tied
+            continue
+        tensors[name] = tensor.detach().float().contiguous()
+    if not model.config.tie_word_embeddings:
+        raise ModelError("expected tied embeddings in the SmolLM2 GGUF; cannot make int4 weights")
+    return tensors
+
+
 def _calibration_hessians(model, tokenizer) -> dict:
     """``X^T X`` of each linear group's input over the calibration chats.
 
@@ -376,7 +390,7 @@ def _calibration_hessians(model, tokenizer) -> dict:
                             {"role": "assistant", "content": answer}]
                 ids = tokenizer.apply_chat_template(messages, tokenize=True)
                 ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-                model(torch.tensor([list(ids)]))
+                model.model(torch.tensor([list(ids)]))  # no logits needed
     finally:
         for h in hooks:
             h.remove()
