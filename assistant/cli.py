@@ -3,6 +3,7 @@
 Commands:
   converse INPUT --output OUT.wav --report REPORT.json [--fast]
   mic [--input-device D] [--output-device D]
+  bench --audio DIR_OR_FILES [--json OUT.json]
   devices
 
 Every user mistake (bad input, bad config, missing model package, no audio
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     mic.add_argument("--report", "-r", metavar="REPORT.json", help="write the turns on exit")
     mic.add_argument("--max-seconds", type=float, default=None, help="stop after this long")
 
+    bench = sub.add_parser(
+        "bench", parents=[common], help="per-stage latency over spoken questions (p50/p95/max)"
+    )
+    bench.add_argument("--audio", nargs="+", required=True, metavar="DIR_OR_FILE", help="utterances to stream")
+    bench.add_argument("--json", metavar="OUT.json", help="write every turn and the summary")
+
     sub.add_parser("devices", parents=[common], help="list audio devices")
     return parser
 
@@ -91,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             return converse(args, config)
         if args.command == "mic":
             return mic(args, config)
+        if args.command == "bench":
+            from .bench import bench
+
+            return bench(args, config)
     except UserError as exc:
         _say(f"error: {exc}")
         return exc.exit_code

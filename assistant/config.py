@@ -57,6 +57,7 @@ class ASRConfig:
     min_partial_audio_ms: int
     beam_size: int
     language: str
+    window_s: float
 
 
 @dataclass
@@ -132,6 +133,7 @@ _CHECKS: dict[str, tuple[Any, Any]] = {
     "asr.threads": (1, 64),
     "asr.partial_interval_ms": (100, 10000),
     "asr.beam_size": (1, 10),
+    "asr.window_s": (5.0, 30.0),
     "llm.max_tokens": (1, 4096),
     "llm.temperature": (0.0, 2.0),
     "llm.top_p": (0.0, 1.0),

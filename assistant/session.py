@@ -309,7 +309,7 @@ class Session:
             ),
             ASRStage(
                 self.ctx,
-                WhisperTranscriber(models.whisper, beam_size=a.beam_size, language=a.language),
+                WhisperTranscriber(models.whisper, beam_size=a.beam_size, language=a.language, window_s=a.window_s),
                 models.asr_executor,
                 sample_rate=config.audio.input_rate,
                 partial_interval_ms=a.partial_interval_ms,

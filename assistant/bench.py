@@ -1,0 +1,119 @@
+"""``voice-assistant bench``: per-stage latency over spoken questions.
+
+Each utterance streams at real-time pace through the same :class:`Session`
+the product uses, with a fresh conversation each time, and the report's
+stamps give each stage's latency. One warm-up turn runs first and is not
+counted. The table prints p50, p95 and max per stage and for voice to voice.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import InputError
+from .session import STAGE_LATENCIES
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".webm"}
+
+
+def collect_audio(specs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError(f"--audio: {spec} is neither an audio file nor a folder")
+    if not files:
+        raise InputError("--audio: no audio files found")
+    return files
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    rank = q / 100 * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def summarize(turns: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    table: dict[str, dict[str, float]] = {}
+    for name, _, _ in STAGE_LATENCIES:
+        values = [t["latency_ms"][name] for t in turns if name in t["latency_ms"]]
+        if values:
+            table[name] = {
+                "p50": round(statistics.median(values), 1),
+                "p95": round(percentile(values, 95), 1),
+                "max": round(max(values), 1),
+                "n": len(values),
+            }
+    return table
+
+
+def format_table(table: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'stage':<22}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}{'n':>5}"]
+    for name, row in table.items():
+        lines.append(f"{name:<22}{row['p50']:>10.0f}{row['p95']:>10.0f}{row['max']:>10.0f}{row['n']:>5.0f}")
+    return "\n".join(lines)
+
+
+async def run_bench(config: Config, models: Any, files: list[Path]) -> dict[str, Any]:
+    from pipeline.playback import TimelineOutput
+
+    from .audio_io import decode_file
+    from .session import Session, file_source
+
+    async def one(path: Path) -> list[dict[str, Any]]:
+        pcm = decode_file(path, config.audio.input_rate, config.audio.max_input_seconds)
+        session = Session(models, config, TimelineOutput(config.audio.output_rate, config.audio.input_rate))
+        source = file_source(pcm, config.audio.input_rate, config.audio.frame_ms, realtime=True, start=session.origin)
+        await session.run(source)
+        turns = session.report.to_json()
+        for turn in turns:
+            turn["file"] = str(path)
+        return turns
+
+    print(f"warm-up turn: {files[0].name} (not counted)", file=sys.stderr)
+    await one(files[0])
+    measured: list[dict[str, Any]] = []
+    for path in files:
+        turns = await one(path)
+        for turn in turns:
+            v2v = turn.get("voice_to_voice_ms")
+            print(f"  {path.name}: {turn['transcript']!r} -> voice-to-voice {v2v} ms", file=sys.stderr)
+        measured.extend(turns)
+    return {"measured_turns": len(measured), "stages_ms": summarize(measured), "turns": measured}
+
+
+def bench(args: Any, config: Config) -> int:
+    import asyncio
+
+    from .models import load_models
+
+    files = collect_audio(args.audio)
+    models = load_models(config)
+    try:
+        result = asyncio.run(_bench(config, models, files))
+    finally:
+        models.close()
+    print(f"measured turns: {result['measured_turns']} (warm-up excluded)")
+    print(format_table(result["stages_ms"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+async def _bench(config: Config, models: Any, files: list[Path]) -> dict[str, Any]:
+    await models.warm_up()
+    return await run_bench(config, models, files)
