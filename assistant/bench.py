@@ -73,18 +73,24 @@ async def run_bench(config: Config, models: Any, files: list[Path]) -> dict[str,
     from .audio_io import decode_file
     from .session import Session, file_source
 
-    async def one(path: Path) -> list[dict[str, Any]]:
+    decode_ms: list[float] = []
+    synth_ms: list[float] = []
+
+    async def one(path: Path, count: bool = True) -> list[dict[str, Any]]:
         pcm = decode_file(path, config.audio.input_rate, config.audio.max_input_seconds)
         session = Session(models, config, TimelineOutput(config.audio.output_rate, config.audio.input_rate))
         source = file_source(pcm, config.audio.input_rate, config.audio.frame_ms, realtime=True, start=session.origin)
         await session.run(source)
+        if count:
+            decode_ms.extend(session.asr.decode_ms)
+            synth_ms.extend(session.tts.first_audio_ms)
         turns = session.report.to_json()
         for turn in turns:
             turn["file"] = str(path)
         return turns
 
     print(f"warm-up turn: {files[0].name} (not counted)", file=sys.stderr)
-    await one(files[0])
+    await one(files[0], count=False)
     measured: list[dict[str, Any]] = []
     for path in files:
         turns = await one(path)
@@ -92,7 +98,12 @@ async def run_bench(config: Config, models: Any, files: list[Path]) -> dict[str,
             v2v = turn.get("voice_to_voice_ms")
             print(f"  {path.name}: {turn['transcript']!r} -> voice-to-voice {v2v} ms", file=sys.stderr)
         measured.extend(turns)
-    return {"measured_turns": len(measured), "stages_ms": summarize(measured), "turns": measured}
+    work = {
+        "asr_decode_ms_p50": round(statistics.median(decode_ms), 1) if decode_ms else None,
+        "asr_decodes": len(decode_ms),
+        "tts_first_audio_of_a_chunk_ms_p50": round(statistics.median(synth_ms), 1) if synth_ms else None,
+    }
+    return {"measured_turns": len(measured), "stages_ms": summarize(measured), "work_ms": work, "turns": measured}
 
 
 def bench(args: Any, config: Config) -> int:
@@ -108,6 +119,9 @@ def bench(args: Any, config: Config) -> int:
         models.close()
     print(f"measured turns: {result['measured_turns']} (warm-up excluded)")
     print(format_table(result["stages_ms"]))
+    work = result["work_ms"]
+    print(f"ASR: {work['asr_decodes']} decodes, p50 {work['asr_decode_ms_p50']} ms each; "
+          f"piper: first audio of a chunk p50 {work['tts_first_audio_of_a_chunk_ms_p50']} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")

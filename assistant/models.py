@@ -161,6 +161,12 @@ def configure_vllm_env(config: Config) -> None:
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR" if config.log_level != "debug" else "INFO")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if config.log_level != "debug":
+        # The engine process inherits these: keep its start-up quiet so the
+        # user sees our progress lines, not library chatter.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     if config.llm.cpu_threads > 0:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{config.llm.cpu_threads - 1}")
 

@@ -334,6 +334,14 @@ class Session:
         connect(self.ctx, self.stages)
 
     @property
+    def asr(self) -> ASRStage:
+        return next(s for s in self.stages if isinstance(s, ASRStage))
+
+    @property
+    def tts(self) -> TTSStage:
+        return next(s for s in self.stages if isinstance(s, TTSStage))
+
+    @property
     def bus(self) -> EventBus:
         return self.ctx.bus
 

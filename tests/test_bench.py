@@ -1,0 +1,44 @@
+"""The latency benchmark: percentiles, and a real run on two utterances."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from assistant.bench import collect_audio, format_table, percentile, run_bench, summarize
+from assistant.errors import InputError
+from helpers import ASSETS
+
+
+def test_percentiles_and_summary() -> None:
+    assert percentile([1, 2, 3, 4, 5], 50) == 3
+    assert percentile([10.0], 95) == 10.0
+    assert percentile(list(range(101)), 95) == 95
+    turns = [{"latency_ms": {"voice_to_voice": v, "asr_final": 1.0}} for v in (100.0, 300.0, 200.0)]
+    table = summarize(turns)
+    assert table["voice_to_voice"] == {"p50": 200.0, "p95": 290.0, "max": 300.0, "n": 3}
+    assert "voice_to_voice" in format_table(table)
+
+
+def test_collect_audio_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="neither"):
+        collect_audio([str(tmp_path / "missing")])
+    with pytest.raises(InputError, match="no audio files"):
+        collect_audio([str(tmp_path)])
+    assert len(collect_audio([str(ASSETS / "questions")])) >= 8
+
+
+@pytest.mark.slow
+def test_bench_runs_for_real(models: Any, config: Any, run: Any, tmp_path: Path) -> None:
+    files = [ASSETS / "questions" / "spider_legs.wav", ASSETS / "questions" / "boiling_point.wav"]
+    result = run(run_bench(config, models, files))
+    assert result["measured_turns"] == 2
+    v2v = result["stages_ms"]["voice_to_voice"]
+    assert v2v["n"] == 2 and 0 < v2v["p50"] <= v2v["p95"] <= v2v["max"]
+    assert result["work_ms"]["asr_decodes"] >= 2
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(result))
+    assert json.loads(path.read_text())["turns"][0]["file"].endswith("spider_legs.wav")
