@@ -102,6 +102,31 @@ class TTSConfig:
 
 
 @dataclass
+class BudgetPolicies:
+    end_of_speech: Literal["log"]
+    asr_final: Literal["log", "commit_partial"]
+    llm_first_token: Literal["log", "acknowledge"]
+    first_chunk: Literal["log", "acknowledge"]
+    tts_first_audio: Literal["log"]
+    voice_to_voice: Literal["log"]
+    turn: Literal["log", "cancel"]
+
+
+@dataclass
+class BudgetsConfig:
+    end_of_speech_ms: float
+    asr_final_ms: float
+    llm_first_token_ms: float
+    first_chunk_ms: float
+    tts_first_audio_ms: float
+    voice_to_voice_ms: float
+    turn_ms: float
+    policies: BudgetPolicies
+    acknowledgement: str
+    apology: str
+
+
+@dataclass
 class Config:
     audio: AudioConfig
     vad: VADConfig
@@ -109,6 +134,7 @@ class Config:
     llm: LLMConfig
     chunker: ChunkerConfig
     tts: TTSConfig
+    budgets: BudgetsConfig
     log_level: Literal["debug", "info", "warning", "error"] = field(default="info")
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +168,13 @@ _CHECKS: dict[str, tuple[Any, Any]] = {
     "chunker.min_words": (1, 100),
     "chunker.max_words": (2, 200),
     "tts.length_scale": (0.25, 4.0),
+    "budgets.end_of_speech_ms": (0, 60000),
+    "budgets.asr_final_ms": (0, 60000),
+    "budgets.llm_first_token_ms": (0, 60000),
+    "budgets.first_chunk_ms": (0, 60000),
+    "budgets.tts_first_audio_ms": (0, 60000),
+    "budgets.voice_to_voice_ms": (0, 60000),
+    "budgets.turn_ms": (0, 600000),
 }
 
 

@@ -201,8 +201,25 @@ class Models:
     piper: Any
     llm: Any  # pipeline.llm.VLLMModel
     silero: Any | None
+    phrases: dict[str, Any] = field(default_factory=dict)
     asr_executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "asr"))
     tts_executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tts"))
+
+    def phrase(self, text: str, rate: int) -> Any:
+        """A short phrase synthesized once per process (acknowledgement, apology)."""
+        key = f"{rate}:{text}"
+        if key not in self.phrases:
+            import numpy as np
+
+            from pipeline.tts import PiperSynthesizer
+
+            from .audio_io import Resampler
+
+            synth = PiperSynthesizer(self.piper, self.config.tts.length_scale)
+            pcm = np.concatenate(list(synth.synthesize(text)))
+            resampler = Resampler(synth.sample_rate, rate)
+            self.phrases[key] = np.concatenate([resampler.process(pcm), resampler.flush()])
+        return self.phrases[key]
 
     async def warm_up(self) -> None:
         """One short pass through each model, so the first real turn is not
@@ -223,6 +240,9 @@ class Models:
             pass
         await whisper
         await piper
+        budgets = self.config.budgets
+        for text in (budgets.acknowledgement, budgets.apology):
+            await loop.run_in_executor(self.tts_executor, self.phrase, text, self.config.audio.output_rate)
 
     def close(self) -> None:
         """Stop the engine process now, not in a destructor at interpreter exit."""

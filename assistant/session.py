@@ -27,6 +27,7 @@ from pipeline.chunker import ChunkerStage
 from pipeline.frames import (
     END,
     AudioFrame,
+    BudgetExceeded,
     Event,
     LLMDone,
     LLMToken,
@@ -45,7 +46,16 @@ from pipeline.frames import (
 )
 from pipeline.llm import Conversation, LLMStage
 from pipeline.playback import AudioOutput, PlaybackStage
-from pipeline.runtime import EventBus, PipelineContext, Stage, TurnRegistry, connect, run_stages
+from pipeline.runtime import (
+    Budget,
+    EventBus,
+    PipelineContext,
+    Stage,
+    TurnRegistry,
+    Watchdog,
+    connect,
+    run_stages,
+)
 from pipeline.tts import PiperSynthesizer, TTSStage
 from pipeline.vad import VADSettings, VADStage
 
@@ -144,6 +154,8 @@ class TurnRecord:
     llm_tokens: int = 0
     chunks: list[str] = field(default_factory=list)
     reply_samples: int = 0
+    budget_events: list[dict[str, Any]] = field(default_factory=list)
+    asr_final_forced: bool = False
 
     def stamp(self, name: str, at: float) -> None:
         self.stamps.setdefault(name, at)
@@ -176,9 +188,10 @@ STAGE_LATENCIES = [
 class TurnReport:
     """Collects each turn's transcript, reply and milestone stamps from the bus."""
 
-    def __init__(self, bus: EventBus, origin: float, output_rate: int) -> None:
+    def __init__(self, bus: EventBus, origin: float, output_rate: int, watchdog: Watchdog | None = None) -> None:
         self.origin = origin
         self.output_rate = output_rate
+        self.watchdog = watchdog
         self.turns: dict[int, TurnRecord] = {}
         self.listeners: list[Callable[[TurnRecord], None]] = []
         bus.subscribe(self.observe)
@@ -203,6 +216,7 @@ class TurnReport:
             case TranscriptFinal():
                 t.transcript = event.text
                 t.asr_final_reused = event.reused
+                t.asr_final_forced = event.forced
                 t.stamp("asr_final", event.at)
             case LLMToken():
                 t.stamp("llm_first_token", event.at)
@@ -230,6 +244,16 @@ class TurnReport:
                 self._closed(t)
             case StageError():
                 t.errors.append(f"{event.stage}: {event.message}")
+            case BudgetExceeded():
+                t.budget_events.append(
+                    {
+                        "stage": event.stage,
+                        "budget_ms": event.budget_ms,
+                        "elapsed_ms": event.elapsed_ms,
+                        "policy": event.policy,
+                        "at_ms": round((event.at - self.origin) * 1000, 1),
+                    }
+                )
             case _:
                 pass
 
@@ -261,11 +285,14 @@ class TurnReport:
             "reply_chunks": t.chunks,
             "partial_transcripts": t.partials,
             "asr_final_reused_partial_decode": t.asr_final_reused,
+            "asr_final_forced_by_budget": t.asr_final_forced,
             "llm_tokens": t.llm_tokens,
             "reply_audio_seconds": round(t.reply_samples / self.output_rate, 3),
             "milestones_ms": {k: ms[k] for k in MILESTONES if k in ms},
             "latency_ms": latency,
             "voice_to_voice_ms": latency.get("voice_to_voice"),
+            "budgets": self.watchdog.results.get(t.turn_id, {}) if self.watchdog is not None else {},
+            "budget_exceeded": t.budget_events,
             "errors": t.errors,
         }
 
@@ -273,6 +300,24 @@ class TurnReport:
 # --------------------------------------------------------------------------
 # Session
 # --------------------------------------------------------------------------
+
+
+def budgets_of(config: Config) -> list[Budget]:
+    """The configured budgets (a budget of 0 ms is none)."""
+    b = config.budgets
+    return [
+        Budget(stage, ms, getattr(b.policies, stage))
+        for stage, ms in (
+            ("end_of_speech", b.end_of_speech_ms),
+            ("asr_final", b.asr_final_ms),
+            ("llm_first_token", b.llm_first_token_ms),
+            ("first_chunk", b.first_chunk_ms),
+            ("tts_first_audio", b.tts_first_audio_ms),
+            ("voice_to_voice", b.voice_to_voice_ms),
+            ("turn", b.turn_ms),
+        )
+        if ms > 0
+    ]
 
 
 class Session:
@@ -286,7 +331,9 @@ class Session:
         bus = EventBus()
         self.ctx = PipelineContext(bus=bus, turns=TurnRegistry(bus))
         self.origin = now()
-        self.report = TurnReport(bus, self.origin, config.audio.output_rate)
+        self.watchdog = Watchdog(bus, budgets_of(config), self._on_budget_exceeded)
+        self.report = TurnReport(bus, self.origin, config.audio.output_rate, self.watchdog)
+        self._acknowledged: set[int] = set()
         observe = getattr(output, "observe", None)
         if observe is not None:
             bus.subscribe(observe)
@@ -334,6 +381,29 @@ class Session:
         connect(self.ctx, self.stages)
 
     @property
+    def playback(self) -> PlaybackStage:
+        return next(s for s in self.stages if isinstance(s, PlaybackStage))
+
+    def _on_budget_exceeded(self, event: BudgetExceeded) -> None:
+        """Apply a stage's budget policy, the moment its deadline passes."""
+        turn_id = event.turn_id
+        if turn_id is None:
+            return
+        rate = self.config.audio.output_rate
+        budgets = self.config.budgets
+        if event.policy == "commit_partial":
+            self.asr.force_final(turn_id)
+        elif event.policy == "acknowledge":
+            turn = self.ctx.turns.get(turn_id)
+            if turn_id in self._acknowledged or turn is None or turn.cancelled or self.playback.has_started(turn_id):
+                return
+            self._acknowledged.add(turn_id)
+            self.playback.interject(turn_id, self.models.phrase(budgets.acknowledgement, rate))
+        elif event.policy == "cancel":
+            if self.cancel_turn(turn_id, f"over the {event.stage} budget ({event.budget_ms:.0f} ms)"):
+                self.playback.interject(turn_id, self.models.phrase(budgets.apology, rate))
+
+    @property
     def asr(self) -> ASRStage:
         return next(s for s in self.stages if isinstance(s, ASRStage))
 
@@ -359,6 +429,9 @@ class Session:
             finally:
                 await first.inbox.put(END)
 
-        async with asyncio.TaskGroup() as group:
-            group.create_task(run_stages(self.stages), name=f"{self.id}:stages")
-            group.create_task(feed(), name=f"{self.id}:feed")
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(run_stages(self.stages), name=f"{self.id}:stages")
+                group.create_task(feed(), name=f"{self.id}:feed")
+        finally:
+            self.watchdog.close()

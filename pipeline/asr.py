@@ -37,6 +37,7 @@ from .frames import (
     SpeechPaused,
     SpeechStarted,
     SpeechStopped,
+    StageError,
     TranscriptFinal,
     TranscriptPartial,
     now,
@@ -219,6 +220,8 @@ class ASRStage(Stage):
         self._clock = clock
         self._utt: _Utterance | None = None
         self._final_chain: asyncio.Task[None] | None = None
+        self._finalizing: dict[int, _Utterance] = {}
+        self._forced: dict[int, asyncio.Event] = {}
         self.decode_ms: list[float] = []
 
     async def handle(self, item: Any) -> None:
@@ -294,31 +297,62 @@ class ASRStage(Stage):
             unstable = " ".join(words[len(utt.committed) :])
             self.publish(TranscriptPartial(turn_id=utt.turn_id, stable=stable, unstable=unstable))
 
+    def force_final(self, turn_id: int) -> bool:
+        """Budget policy: finish the turn now with the latest transcript.
+
+        Returns False when there is nothing to commit yet (the final decode
+        then goes on and is used when it ends).
+        """
+        self._forced.setdefault(turn_id, asyncio.Event()).set()
+        utt = self._finalizing.get(turn_id)
+        return utt is not None and _has_words(utt.latest_text or " ".join(utt.committed))
+
     async def _finalize(self, utt: _Utterance, stopped: SpeechStopped, previous: asyncio.Task[None] | None) -> None:
         if previous is not None and not previous.done():
             await asyncio.wait({previous})  # finals leave in turn order
         started = time.perf_counter()
-        text: str | None = None
-        reused = False
-        latest = utt.latest
-        # A decode that saw every voiced frame already has the answer.
-        if utt.latest_text is not None and utt.latest_covers >= stopped.last_voiced_at:
-            text, reused = utt.latest_text, True
-        elif latest is not None and latest.audio_end_at >= stopped.last_voiced_at:
-            try:
-                text, reused = await latest.task, True
-            except Exception:
-                text = None
-        if text is None:
-            if latest is not None and not latest.task.done():
-                await asyncio.wait({latest.task})  # one decode at a time
-            text = await self._decode(utt.audio(utt.samples), "")
+        self._finalizing[utt.turn_id] = utt
+        forced = self._forced.setdefault(utt.turn_id, asyncio.Event())
+        work = asyncio.create_task(self._final_text(utt, stopped))
+        waiter = asyncio.create_task(forced.wait())
+        try:
+            done, _ = await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            fallback = utt.latest_text or " ".join(utt.committed)
+            if work not in done and _has_words(fallback):
+                text, reused, was_forced = fallback, True, True
+            else:
+                (text, reused), was_forced = await work, False
+        except Exception as exc:
+            self.publish(StageError(turn_id=utt.turn_id, stage=self.name, message=str(exc) or type(exc).__name__))
+            self.ctx.cancel_turn(utt.turn_id, "speech recognition failed")
+            return
+        finally:
+            waiter.cancel()
+            if not work.done():
+                work.cancel()
+            self._finalizing.pop(utt.turn_id, None)
+            self._forced.pop(utt.turn_id, None)
         text = text.strip()
         decode_ms = (time.perf_counter() - started) * 1000
         if not _has_words(text):
             self.ctx.cancel_turn(utt.turn_id, "no words recognized")
             return
-        await self.send(TranscriptFinal(turn_id=utt.turn_id, text=text, reused=reused, decode_ms=decode_ms, at=now()))
+        final = TranscriptFinal(turn_id=utt.turn_id, text=text, reused=reused, forced=was_forced, decode_ms=decode_ms)
+        await self.send(final)
+
+    async def _final_text(self, utt: _Utterance, stopped: SpeechStopped) -> tuple[str, bool]:
+        latest = utt.latest
+        # A decode that saw every voiced frame already has the answer.
+        if utt.latest_text is not None and utt.latest_covers >= stopped.last_voiced_at:
+            return utt.latest_text, True
+        if latest is not None and latest.audio_end_at >= stopped.last_voiced_at:
+            try:
+                return await latest.task, True
+            except Exception:
+                pass
+        if latest is not None and not latest.task.done():
+            await asyncio.wait({latest.task})  # one decode at a time
+        return await self._decode(utt.audio(utt.samples), ""), False
 
     async def finish(self) -> None:
         if self._final_chain is not None and not self._final_chain.done():

@@ -41,6 +41,7 @@ __all__ = [
     "ReplyAudioEnded",
     "TurnCancelled",
     "TurnCompleted",
+    "BudgetExceeded",
     "StageError",
     "EndOfStream",
     "END",
@@ -170,11 +171,13 @@ class TranscriptFinal(Event):
     """The transcript of the whole utterance.
 
     ``reused`` tells whether it came from a decode that was already running
-    or finished when speech stopped (no extra work after the user stopped).
+    or finished when speech stopped (no extra work after the user stopped);
+    ``forced`` that the ASR budget ran out and the latest partial was used.
     """
 
     text: str
     reused: bool = False
+    forced: bool = False  # committed early by the ASR budget's policy
     decode_ms: float = 0.0
 
 
@@ -250,6 +253,20 @@ class TurnCompleted(Event):
 
 
 @dataclass(slots=True, kw_only=True)
+class BudgetExceeded(Event):
+    """A stage's time budget ran out while the turn was still waiting on it.
+
+    Sent by the watchdog at the deadline itself, not after the fact;
+    ``elapsed_ms`` is measured when the timer fired.
+    """
+
+    stage: str
+    budget_ms: float
+    elapsed_ms: float
+    policy: str
+
+
+@dataclass(slots=True, kw_only=True)
 class StageError(Event):
     """A stage failed on one turn; the session goes on."""
 
@@ -273,6 +290,7 @@ _KINDS: dict[type, str] = {
     ReplyAudioEnded: "response.audio_ended",
     TurnCancelled: "turn.cancelled",
     TurnCompleted: "turn.completed",
+    BudgetExceeded: "budget.exceeded",
     StageError: "error",
 }
 

@@ -132,6 +132,29 @@ class PlaybackStage(Stage):
         else:
             await self.send(item)
 
+    def has_started(self, turn_id: int) -> bool:
+        """Whether any audio of the turn has gone to the output."""
+        return turn_id in self._started
+
+    def interject(self, turn_id: int, pcm: np.ndarray, tag: int | None = None) -> None:
+        """Play a canned phrase for a turn now (acknowledgement, apology).
+
+        It goes to the output ahead of whatever the turn says later, which
+        then follows right after it: no overlap, and no gap if the answer
+        is ready by the time the phrase ends. If it is the first audio of the
+        turn it marks the reply's start, so nobody waits in dead silence.
+        """
+        at, position = self.output.write(turn_id if tag is None else tag, pcm)
+        if turn_id not in self._started:
+            self._started[turn_id] = 0
+            turn = self.ctx.turns.get(turn_id)
+            if turn is not None and not turn.cancelled:
+                turn.on_cancel(lambda: self._cut(turn_id))
+            self.publish(
+                ReplyAudioStarted(turn_id=turn_id, at=at, position=position, sample_rate=self.output.sample_rate)
+            )
+        self._started[turn_id] += len(pcm)
+
     def _cut(self, turn_id: int) -> None:
         self.output.clear(turn_id)
         self._started.pop(turn_id, None)

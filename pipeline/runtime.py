@@ -26,7 +26,25 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
-from .frames import END, EndOfStream, Event, StageError, TurnCancelled, now
+from .frames import (
+    END,
+    BudgetExceeded,
+    EndOfStream,
+    Event,
+    LLMToken,
+    ReplyAudioStarted,
+    SpeechPaused,
+    SpeechResumed,
+    SpeechStopped,
+    StageError,
+    TextChunk,
+    TranscriptFinal,
+    TTSDone,
+    TTSFirstAudio,
+    TurnCancelled,
+    TurnCompleted,
+    now,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -293,6 +311,152 @@ async def run_stages(stages: list[Stage]) -> None:
 
 async def end_of_input(first: Stage) -> None:
     await first.inbox.put(END)
+
+
+# --------------------------------------------------------------------------
+# Budgets
+# --------------------------------------------------------------------------
+
+# Each budgeted stage runs from one milestone of the turn to another.
+BUDGETED_STAGES: dict[str, tuple[str, str]] = {
+    "end_of_speech": ("speech_end", "vad_end"),
+    "asr_final": ("vad_end", "asr_final"),
+    "llm_first_token": ("asr_final", "llm_first_token"),
+    "first_chunk": ("llm_first_token", "first_chunk"),
+    "tts_first_audio": ("first_chunk", "tts_first_audio"),
+    "voice_to_voice": ("speech_end", "first_audio_out"),
+    # the hard cap: until the whole reply is synthesized (or the turn ends)
+    "turn": ("speech_end", "turn_end"),
+}
+
+
+def milestones_of(event: Event) -> list[tuple[str, float]]:
+    """The turn milestones an event marks, with their stamps."""
+    match event:
+        case SpeechPaused():
+            return [("speech_end", event.last_voiced_at)]
+        case SpeechStopped():
+            return [("speech_end", event.last_voiced_at), ("vad_end", event.at)]
+        case TranscriptFinal():
+            return [("asr_final", event.at)]
+        case LLMToken():
+            return [("llm_first_token", event.at)]
+        case TextChunk() if event.text:
+            return [("first_chunk", event.at)]
+        case TTSFirstAudio():
+            return [("tts_first_audio", event.at)]
+        case ReplyAudioStarted():
+            return [("first_audio_out", event.at)]
+        case TTSDone() | TurnCompleted() | TurnCancelled():
+            return [("turn_end", event.at)]
+    return []
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long a stage may take, and what to do the moment it has not."""
+
+    stage: str
+    ms: float
+    policy: str = "log"
+
+
+class Watchdog:
+    """Enforces per-stage budgets while a turn runs.
+
+    When a stage's starting milestone is reached a timer is armed for its
+    deadline (``loop.call_at`` on the monotonic clock every stamp uses);
+    reaching the ending milestone disarms it. If the timer fires, the stage
+    is late *now*: a :class:`BudgetExceeded` event is published, the
+    stage's counter goes up, and ``act`` runs the configured policy.
+    """
+
+    def __init__(self, bus: EventBus, budgets: list[Budget], act: Callable[[BudgetExceeded], None]) -> None:
+        unknown = [b.stage for b in budgets if b.stage not in BUDGETED_STAGES]
+        if unknown:
+            raise ValueError(f"no such budgeted stage: {', '.join(unknown)}")
+        self._bus = bus
+        self._budgets = {b.stage: b for b in budgets}
+        self._act = act
+        self._stamps: dict[int, dict[str, float]] = {}
+        self._timers: dict[tuple[int, str], asyncio.TimerHandle] = {}
+        self.results: dict[int, dict[str, dict[str, Any]]] = {}
+        self.exceeded: dict[str, int] = {stage: 0 for stage in BUDGETED_STAGES}
+        bus.subscribe(self.observe)
+
+    def observe(self, event: Event) -> None:
+        turn_id = event.turn_id
+        if turn_id is None or isinstance(event, BudgetExceeded):
+            return
+        if isinstance(event, SpeechResumed):
+            # The pause was not the end: forget it and what it armed.
+            stamps = self._stamps.get(turn_id, {})
+            stamps.pop("speech_end", None)
+            for stage, (start, _) in BUDGETED_STAGES.items():
+                if start == "speech_end":
+                    self._disarm(turn_id, stage)
+            return
+        for name, stamp in milestones_of(event):
+            self._reach(turn_id, name, stamp)
+        if isinstance(event, (TurnCompleted, TurnCancelled)):
+            for stage in BUDGETED_STAGES:
+                self._disarm(turn_id, stage)
+            self._stamps.pop(turn_id, None)
+
+    def _reach(self, turn_id: int, name: str, stamp: float) -> None:
+        stamps = self._stamps.setdefault(turn_id, {})
+        if name in stamps and name != "speech_end":
+            return  # only the first token, the first chunk... count
+        stamps[name] = stamp
+        for stage, (start, end) in BUDGETED_STAGES.items():
+            if end == name and start in stamps:
+                self._disarm(turn_id, stage)
+                self._record(turn_id, stage, (stamp - stamps[start]) * 1000)
+            elif start == name and end not in stamps and stage in self._budgets:
+                self._arm(turn_id, stage, stamp + self._budgets[stage].ms / 1000)
+
+    def _arm(self, turn_id: int, stage: str, deadline: float) -> None:
+        self._disarm(turn_id, stage)
+        loop = asyncio.get_running_loop()
+        self._timers[(turn_id, stage)] = loop.call_at(deadline, self._fire, turn_id, stage)
+
+    def _disarm(self, turn_id: int, stage: str) -> None:
+        timer = self._timers.pop((turn_id, stage), None)
+        if timer is not None:
+            timer.cancel()
+
+    def _record(self, turn_id: int, stage: str, elapsed_ms: float) -> None:
+        budget = self._budgets.get(stage)
+        entry = self.results.setdefault(turn_id, {}).setdefault(stage, {})
+        entry["elapsed_ms"] = round(elapsed_ms, 1)
+        if budget is not None:
+            entry["budget_ms"] = budget.ms
+            entry.setdefault("exceeded", elapsed_ms > budget.ms)
+
+    def _fire(self, turn_id: int, stage: str) -> None:
+        self._timers.pop((turn_id, stage), None)
+        budget = self._budgets[stage]
+        start = self._stamps.get(turn_id, {}).get(BUDGETED_STAGES[stage][0])
+        if start is None:
+            return
+        elapsed_ms = (now() - start) * 1000
+        self.exceeded[stage] += 1
+        entry = self.results.setdefault(turn_id, {}).setdefault(stage, {})
+        entry.update(budget_ms=budget.ms, exceeded=True, fired_after_ms=round(elapsed_ms, 1), policy=budget.policy)
+        event = BudgetExceeded(
+            turn_id=turn_id, stage=stage, budget_ms=budget.ms, elapsed_ms=round(elapsed_ms, 1), policy=budget.policy
+        )
+        log.info("turn %d: %s over budget (%.0f ms > %.0f ms), policy %s", turn_id, stage, elapsed_ms, budget.ms, budget.policy)
+        self._bus.publish(event)
+        try:
+            self._act(event)
+        except Exception:
+            log.exception("budget policy %s for %s failed", budget.policy, stage)
+
+    def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
 
 
 # --------------------------------------------------------------------------
