@@ -46,24 +46,37 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+# Report latency name -> budgeted stage name (runtime.BUDGETED_STAGES).
+_BUDGET_OF = {"end_of_speech_detect": "end_of_speech", "asr_final": "asr_final", "llm_first_token": "llm_first_token",
+              "first_chunk": "first_chunk", "tts_first_audio": "tts_first_audio", "voice_to_voice": "voice_to_voice"}
+
+
 def summarize(turns: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     table: dict[str, dict[str, float]] = {}
     for name, _, _ in STAGE_LATENCIES:
-        values = [t["latency_ms"][name] for t in turns if name in t["latency_ms"]]
+        values = [t["latency_ms"][name] for t in turns if name in t.get("latency_ms", {})]
         if values:
+            stage = _BUDGET_OF.get(name)
+            budgets = [t.get("budgets", {}).get(stage, {}) for t in turns] if stage else []
             table[name] = {
                 "p50": round(statistics.median(values), 1),
                 "p95": round(percentile(values, 95), 1),
                 "max": round(max(values), 1),
                 "n": len(values),
+                "budget_ms": next((b["budget_ms"] for b in budgets if "budget_ms" in b), None),
+                "overruns": sum(1 for b in budgets if b.get("exceeded")),
             }
     return table
 
 
-def format_table(table: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'stage':<22}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}{'n':>5}"]
+def format_table(table: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{'stage':<22}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}{'n':>4}{'budget':>9}{'over':>6}"]
     for name, row in table.items():
-        lines.append(f"{name:<22}{row['p50']:>10.0f}{row['p95']:>10.0f}{row['max']:>10.0f}{row['n']:>5.0f}")
+        budget = f"{row['budget_ms']:.0f}" if row.get("budget_ms") else "-"
+        lines.append(
+            f"{name:<22}{row['p50']:>9.0f}{row['p95']:>9.0f}{row['max']:>9.0f}{row['n']:>4.0f}"
+            f"{budget:>9}{row.get('overruns', 0):>6}"
+        )
     return "\n".join(lines)
 
 
@@ -112,22 +125,50 @@ def bench(args: Any, config: Config) -> int:
     from .models import load_models
 
     files = collect_audio(args.audio)
+    for flag in ("json", "plot"):
+        value = getattr(args, flag, None)
+        if value and not Path(value).resolve().parent.is_dir():
+            raise InputError(f"--{flag}: folder {Path(value).parent} does not exist")
     models = load_models(config)
     try:
-        result = asyncio.run(_bench(config, models, files))
+        result = asyncio.run(_bench(config, models, files, baseline=not args.no_baseline))
     finally:
         models.close()
     print(f"measured turns: {result['measured_turns']} (warm-up excluded)")
+    print("streaming pipeline:")
     print(format_table(result["stages_ms"]))
     work = result["work_ms"]
     print(f"ASR: {work['asr_decodes']} decodes, p50 {work['asr_decode_ms_p50']} ms each; "
           f"piper: first audio of a chunk p50 {work['tts_first_audio_of_a_chunk_ms_p50']} ms")
+    naive = result.get("naive")
+    if naive:
+        print(f"naive sequential baseline ({naive['measured_turns']} turns):")
+        print(format_table(naive["stages_ms"]))
+        ratio = result["naive_over_streaming_voice_to_voice_p50"]
+        print(f"voice-to-voice p50: naive / streaming = {ratio:.2f}")
+    if args.plot:
+        from .plot import plot_timelines
+
+        plot_timelines(result["turns"], naive["turns"] if naive else None, Path(args.plot))
+        print(f"wrote {args.plot}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
     return 0
 
 
-async def _bench(config: Config, models: Any, files: list[Path]) -> dict[str, Any]:
+async def _bench(config: Config, models: Any, files: list[Path], baseline: bool = True) -> dict[str, Any]:
+    """The streaming pipeline, then (same audio, same models) the naive cascade."""
     await models.warm_up()
-    return await run_bench(config, models, files)
+    result = await run_bench(config, models, files)
+    if baseline:
+        from .naive import run_naive
+
+        print("naive sequential baseline...", file=sys.stderr)
+        naive = await run_naive(config, models, files)
+        result["naive"] = naive
+        streaming_p50 = result["stages_ms"].get("voice_to_voice", {}).get("p50")
+        naive_p50 = naive["stages_ms"].get("voice_to_voice", {}).get("p50")
+        if streaming_p50 and naive_p50:
+            result["naive_over_streaming_voice_to_voice_p50"] = round(naive_p50 / streaming_p50, 2)
+    return result

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--audio", nargs="+", required=True, metavar="DIR_OR_FILE", help="utterances to stream")
     bench.add_argument("--json", metavar="OUT.json", help="write every turn and the summary")
+    bench.add_argument("--plot", metavar="OUT.png", help="draw a timeline of each turn")
+    bench.add_argument("--no-baseline", action="store_true", help="skip the naive sequential baseline")
 
     sub.add_parser("devices", parents=[common], help="list audio devices")
     return parser

@@ -228,7 +228,8 @@ async def naive_turn(
 
     # 4. Playback: the same virtual output the product's file mode uses.
     at, _position = output.write(turn_id, reply_pcm)
-    stamps["first_audio_out"] = at
+    # The output rounds its start to a sample; never stamp it before the audio existed.
+    stamps["first_audio_out"] = max(at, stamps["tts_done"])
     stamps["reply_end"] = await output.drain(turn_id)
     result = _turn_dict(transcript, reply, stamps, t0, "completed")
     result["reply_audio_seconds"] = round(len(reply_pcm) / config.audio.output_rate, 3)
