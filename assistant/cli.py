@@ -164,7 +164,7 @@ async def _converse(args: argparse.Namespace, config: Any, models: Any, pcm: Any
 
     output = TimelineOutput(config.audio.output_rate, config.audio.input_rate)
     await _warm_up(models)
-    session = Session(models, config, output)
+    session = Session(models, config, output, enforce_budgets=not args.fast)
     session.report.listeners.append(_print_turn(session))
     _say("conversing" + (" (fast)" if args.fast else " (real-time pace)") + "...")
     started = time.monotonic()

@@ -58,6 +58,7 @@ class ASRConfig:
     beam_size: int
     language: str
     window_s: float
+    final_at_pause: bool
 
 
 @dataclass

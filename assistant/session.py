@@ -32,6 +32,7 @@ from pipeline.frames import (
     LLMDone,
     LLMToken,
     ReplyAudioEnded,
+    ReplyCancelled,
     ReplyAudioStarted,
     SpeechStarted,
     SpeechStopped,
@@ -155,6 +156,8 @@ class TurnRecord:
     chunks: list[str] = field(default_factory=list)
     reply_samples: int = 0
     budget_events: list[dict[str, Any]] = field(default_factory=list)
+    early_reply: bool = False
+    replies_discarded: int = 0
     asr_final_forced: bool = False
 
     def stamp(self, name: str, at: float) -> None:
@@ -213,6 +216,14 @@ class TurnReport:
                 t.stamp("vad_end", event.at)
             case TranscriptPartial():
                 t.partials.append(event.text)
+            case TranscriptFinal() if event.speculative:
+                t.early_reply = True
+            case ReplyCancelled():
+                t.replies_discarded += 1
+                for name in ("llm_first_token", "first_chunk", "tts_first_audio"):
+                    t.stamps.pop(name, None)
+                t.chunks.clear()
+                t.llm_tokens = 0
             case TranscriptFinal():
                 t.transcript = event.text
                 t.asr_final_reused = event.reused
@@ -271,8 +282,10 @@ class TurnReport:
 
     def turn_json(self, t: TurnRecord) -> dict[str, Any]:
         ms = {k: round((v - self.origin) * 1000, 1) for k, v in t.stamps.items()}
+        # A reply started at the pause reaches its milestones before the
+        # turn ends: the wait a stage adds is then 0, never negative.
         latency = {
-            name: round((t.stamps[b] - t.stamps[a]) * 1000, 1)
+            name: round(max(0.0, t.stamps[b] - t.stamps[a]) * 1000, 1)
             for name, a, b in STAGE_LATENCIES
             if a in t.stamps and b in t.stamps
         }
@@ -286,6 +299,8 @@ class TurnReport:
             "partial_transcripts": t.partials,
             "asr_final_reused_partial_decode": t.asr_final_reused,
             "asr_final_forced_by_budget": t.asr_final_forced,
+            "reply_started_at_pause": t.early_reply,
+            "early_replies_discarded": t.replies_discarded,
             "llm_tokens": t.llm_tokens,
             "reply_audio_seconds": round(t.reply_samples / self.output_rate, 3),
             "milestones_ms": {k: ms[k] for k in MILESTONES if k in ms},
@@ -323,8 +338,19 @@ def budgets_of(config: Config) -> list[Budget]:
 class Session:
     """One conversation through the full pipeline."""
 
-    def __init__(self, models: Models, config: Config, output: AudioOutput, session_id: str | None = None) -> None:
+    def __init__(
+        self,
+        models: Models,
+        config: Config,
+        output: AudioOutput,
+        session_id: str | None = None,
+        enforce_budgets: bool = True,
+    ) -> None:
         self.id = session_id or f"s{next(_session_ids)}"
+        # Off for input fed faster than real time: its clock is compressed,
+        # so budgets are still measured and reported but their policies
+        # would act on meaningless deadlines.
+        self.enforce_budgets = enforce_budgets
         self.config = config
         self.models = models
         self.output = output
@@ -361,6 +387,7 @@ class Session:
                 sample_rate=config.audio.input_rate,
                 partial_interval_ms=a.partial_interval_ms,
                 min_partial_audio_ms=a.min_partial_audio_ms,
+                final_at_pause=a.final_at_pause,
             ),
             LLMStage(self.ctx, models.llm, self.conversation, self.id),
             ChunkerStage(
@@ -387,7 +414,7 @@ class Session:
     def _on_budget_exceeded(self, event: BudgetExceeded) -> None:
         """Apply a stage's budget policy, the moment its deadline passes."""
         turn_id = event.turn_id
-        if turn_id is None:
+        if turn_id is None or not self.enforce_budgets:
             return
         rate = self.config.audio.output_rate
         budgets = self.config.budgets

@@ -35,6 +35,7 @@ import numpy as np
 from .frames import (
     AudioFrame,
     SpeechPaused,
+    SpeechResumed,
     SpeechStarted,
     SpeechStopped,
     StageError,
@@ -185,6 +186,8 @@ class _Utterance:
     latest_covers: float = -1.0
     last_decode_started: float = 0.0
     decodes: int = 0
+    paused_at_voiced: float | None = None  # last voiced stamp while paused
+    early_text: str | None = None  # transcript sent speculatively at the pause
 
     def add(self, frame: AudioFrame) -> None:
         self.chunks.append(frame.pcm)
@@ -200,6 +203,9 @@ class ASRStage(Stage):
     """Partial transcripts while the user speaks, a final one when they stop."""
 
     name = "asr"
+    # A partial that missed more than this much of the end of the speech is
+    # too stale to be committed by the budget policy.
+    stale_partial_s = 0.6
 
     def __init__(
         self,
@@ -210,8 +216,10 @@ class ASRStage(Stage):
         partial_interval_ms: int = 450,
         min_partial_audio_ms: int = 400,
         clock: Callable[[], float] = time.monotonic,
+        final_at_pause: bool = False,
     ) -> None:
         super().__init__(ctx)
+        self._final_at_pause = final_at_pause
         self._transcribe = transcriber
         self._executor = executor
         self._rate = sample_rate
@@ -221,6 +229,7 @@ class ASRStage(Stage):
         self._utt: _Utterance | None = None
         self._final_chain: asyncio.Task[None] | None = None
         self._finalizing: dict[int, _Utterance] = {}
+        self._early_sends: set[asyncio.Task[None]] = set()
         self._forced: dict[int, asyncio.Event] = {}
         self.decode_ms: list[float] = []
 
@@ -240,9 +249,17 @@ class ASRStage(Stage):
                 and (utt.latest is None or utt.latest.task.done())
             ):
                 self._start_decode(utt)
+        elif isinstance(item, SpeechResumed):
+            utt = self._utt
+            if utt is not None and item.turn_id == utt.turn_id:
+                utt.paused_at_voiced = None
+                if utt.early_text is not None:
+                    utt.early_text = None
+                    self.ctx.turns.cancel_reply(utt.turn_id, "the user went on speaking")
         elif isinstance(item, SpeechPaused):
             utt = self._utt
             if utt is not None and item.turn_id == utt.turn_id:
+                utt.paused_at_voiced = item.last_voiced_at
                 # Decode the complete utterance now, during the hangover.
                 if utt.latest is None or utt.latest.task.done() or utt.latest.audio_end_at < item.last_voiced_at:
                     self._start_decode(utt)
@@ -296,6 +313,22 @@ class ASRStage(Stage):
             stable = " ".join(utt.committed)
             unstable = " ".join(words[len(utt.committed) :])
             self.publish(TranscriptPartial(turn_id=utt.turn_id, stable=stable, unstable=unstable))
+            paused = utt.paused_at_voiced
+            if (
+                self._final_at_pause
+                and paused is not None
+                and decode.audio_end_at >= paused
+                and utt.early_text is None
+                and _has_words(text)
+            ):
+                # The user paused and this decode heard all they said: start
+                # the reply now, during the hangover (playback waits for the
+                # end of the turn; a resumption throws the reply away).
+                utt.early_text = text
+                early = TranscriptFinal(turn_id=utt.turn_id, text=text, reused=True, speculative=True)
+                task = asyncio.create_task(self.send(early))
+                self._early_sends.add(task)
+                task.add_done_callback(self._early_sends.discard)
 
     def force_final(self, turn_id: int) -> bool:
         """Budget policy: finish the turn now with the latest transcript.
@@ -305,7 +338,7 @@ class ASRStage(Stage):
         """
         self._forced.setdefault(turn_id, asyncio.Event()).set()
         utt = self._finalizing.get(turn_id)
-        return utt is not None and _has_words(utt.latest_text or " ".join(utt.committed))
+        return utt is not None and _has_words(utt.latest_text or "")
 
     async def _finalize(self, utt: _Utterance, stopped: SpeechStopped, previous: asyncio.Task[None] | None) -> None:
         if previous is not None and not previous.done():
@@ -317,8 +350,11 @@ class ASRStage(Stage):
         waiter = asyncio.create_task(forced.wait())
         try:
             done, _ = await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            fallback = utt.latest_text or " ".join(utt.committed)
-            if work not in done and _has_words(fallback):
+            # Commit the latest partial only if it heard nearly everything:
+            # a stale one (an early half-second) would answer the wrong question.
+            fresh = utt.latest_covers >= stopped.last_voiced_at - self.stale_partial_s
+            fallback = utt.latest_text if fresh else None
+            if work not in done and fallback and _has_words(fallback):
                 text, reused, was_forced = fallback, True, True
             else:
                 (text, reused), was_forced = await work, False
@@ -338,6 +374,11 @@ class ASRStage(Stage):
             self.ctx.cancel_turn(utt.turn_id, "no words recognized")
             return
         final = TranscriptFinal(turn_id=utt.turn_id, text=text, reused=reused, forced=was_forced, decode_ms=decode_ms)
+        if utt.early_text is not None:
+            if [_norm(w) for w in utt.early_text.split()] == [_norm(w) for w in text.split()]:
+                self.publish(final)  # confirms the reply already under way
+                return
+            self.ctx.turns.cancel_reply(utt.turn_id, "the final transcript differs from the pause's")
         await self.send(final)
 
     async def _final_text(self, utt: _Utterance, stopped: SpeechStopped) -> tuple[str, bool]:

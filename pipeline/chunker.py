@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from .frames import Event, LLMDone, LLMToken, TextChunk, TurnCancelled
+from .frames import Event, LLMDone, LLMToken, ReplyCancelled, TextChunk, TurnCancelled
 from .runtime import PipelineContext, Stage
 
 __all__ = ["Segmenter", "ChunkerStage", "clean_text"]
@@ -471,6 +471,7 @@ class ChunkerStage(Stage):
     """
 
     name = "chunker"
+    scope = "reply"
     max_live_turns = 16
     """Unfinished turns kept at most (oldest dropped): memory stays bounded
     even if a turn ends without LLMDone and without being cancelled."""
@@ -491,7 +492,7 @@ class ChunkerStage(Stage):
         self._unsubscribe = ctx.bus.subscribe(self._on_event)
 
     def _on_event(self, event: Event) -> None:
-        if isinstance(event, TurnCancelled):
+        if isinstance(event, (TurnCancelled, ReplyCancelled)):
             self._turns.pop(event.turn_id, None)
 
     def _state(self, turn_id: int | None) -> _TurnText:

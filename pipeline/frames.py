@@ -40,6 +40,7 @@ __all__ = [
     "ReplyAudioStarted",
     "ReplyAudioEnded",
     "TurnCancelled",
+    "ReplyCancelled",
     "TurnCompleted",
     "BudgetExceeded",
     "StageError",
@@ -173,11 +174,17 @@ class TranscriptFinal(Event):
     ``reused`` tells whether it came from a decode that was already running
     or finished when speech stopped (no extra work after the user stopped);
     ``forced`` that the ASR budget ran out and the latest partial was used.
+    ``speculative`` finals are sent at a pause, while the silence hangover
+    still runs, so the reply can start early; its audio is held until the
+    turn really ends, and it is thrown away (:class:`ReplyCancelled`) if the
+    user goes on speaking. The confirming final follows at the end of the
+    turn on the bus only.
     """
 
     text: str
     reused: bool = False
     forced: bool = False  # committed early by the ASR budget's policy
+    speculative: bool = False  # sent at the pause, before the turn ended
     decode_ms: float = 0.0
 
 
@@ -248,6 +255,13 @@ class TurnCancelled(Event):
 
 
 @dataclass(slots=True, kw_only=True)
+class ReplyCancelled(Event):
+    """The reply being prepared was thrown away; the user's turn goes on."""
+
+    reason: str
+
+
+@dataclass(slots=True, kw_only=True)
 class TurnCompleted(Event):
     """Every stage finished the turn. The report builder closes it."""
 
@@ -289,6 +303,7 @@ _KINDS: dict[type, str] = {
     ReplyAudioStarted: "response.audio_started",
     ReplyAudioEnded: "response.audio_ended",
     TurnCancelled: "turn.cancelled",
+    ReplyCancelled: "response.cancelled",
     TurnCompleted: "turn.completed",
     BudgetExceeded: "budget.exceeded",
     StageError: "error",

@@ -80,6 +80,7 @@ class LLMStage(Stage):
     """Streams the reply to each final transcript, token by token."""
 
     name = "llm"
+    scope = "reply"
     _ids = itertools.count(1)
 
     def __init__(self, ctx: PipelineContext, model: LanguageModel, conversation: Conversation, session_id: str) -> None:
@@ -93,6 +94,7 @@ class LLMStage(Stage):
             await self.send(item)
             return
         turn_id = item.turn_id
+        mark = len(self.conversation.turns)
         self.conversation.add_user(item.text)
         request_id = f"{self.session_id}-t{turn_id}-{next(self._ids)}"
         parts: list[str] = []
@@ -111,9 +113,15 @@ class LLMStage(Stage):
         finally:
             if not finished:
                 await self.model.abort(request_id)
-                heard = "".join(parts).strip()
-                if heard:
-                    self.conversation.add_assistant(heard, interrupted=True)
+                turn = self.ctx.turns.get(turn_id) if turn_id is not None else None
+                if turn is not None and not turn.cancelled:
+                    # Only the reply was thrown away (it started early and the
+                    # user went on): forget the exchange, a new one will come.
+                    del self.conversation.turns[mark:]
+                else:
+                    heard = "".join(parts).strip()
+                    if heard:
+                        self.conversation.add_assistant(heard, interrupted=True)
         reply = "".join(parts).strip()
         self.conversation.add_assistant(reply)
         await self.send(LLMDone(turn_id=turn_id, text=reply, tokens=index, finish_reason=finish))

@@ -16,7 +16,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .frames import ReplyAudioEnded, ReplyAudioStarted, SpeechStopped, TTSAudio, TTSDone, TurnCompleted, now
+from .frames import (
+    Event,
+    ReplyAudioEnded,
+    ReplyAudioStarted,
+    SpeechStopped,
+    TTSAudio,
+    TTSDone,
+    TurnCancelled,
+    TurnCompleted,
+    now,
+)
 from .runtime import PipelineContext, Stage
 
 
@@ -103,15 +113,42 @@ class PlaybackStage(Stage):
     """Hands reply audio to the output and closes each turn."""
 
     name = "playback"
+    scope = "reply"
 
     def __init__(self, ctx: PipelineContext, output: AudioOutput) -> None:
         super().__init__(ctx)
         self.output = output
         self._started: dict[int, int] = {}
+        self._ended: set[int] = set()
+        self._gates: dict[int, asyncio.Event] = {}
+        ctx.bus.subscribe(self._observe)
+
+    def _observe(self, event: Event) -> None:
+        """Open a turn's gate when the user's speech has really ended."""
+        turn_id = event.turn_id
+        if turn_id is None:
+            return
+        if isinstance(event, SpeechStopped):
+            self._ended.add(turn_id)
+            if len(self._ended) > 256:
+                self._ended = set(sorted(self._ended)[-128:])
+            gate = self._gates.pop(turn_id, None)
+            if gate is not None:
+                gate.set()
+        elif isinstance(event, TurnCancelled):
+            self._gates.pop(turn_id, None)
+
+    async def _user_done(self, turn_id: int) -> None:
+        """Never talk over the user: a reply started early waits for the end."""
+        if turn_id in self._ended:
+            return
+        gate = self._gates.setdefault(turn_id, asyncio.Event())
+        await gate.wait()
 
     async def handle(self, item: Any) -> None:
         if isinstance(item, TTSAudio):
             turn_id = item.turn_id
+            await self._user_done(turn_id)
             at, position = self.output.write(turn_id, item.pcm)
             if turn_id not in self._started:
                 self._started[turn_id] = 0

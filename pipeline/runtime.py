@@ -41,6 +41,7 @@ from .frames import (
     TranscriptFinal,
     TTSDone,
     TTSFirstAudio,
+    ReplyCancelled,
     TurnCancelled,
     TurnCompleted,
     now,
@@ -88,6 +89,8 @@ class Turn:
     cancelled: bool = False
     cancel_reason: str | None = None
     _on_cancel: list[Callable[[], Any]] = field(default_factory=list)
+    _on_reply_cancel: list[Callable[[], Any]] = field(default_factory=list)
+    replies_cancelled: int = 0
 
     def on_cancel(self, callback: Callable[[], Any]) -> Callable[[], None]:
         """Run ``callback`` if the turn is cancelled; returns an unregister."""
@@ -104,6 +107,22 @@ class Turn:
 
         return unregister
 
+    def on_reply_cancel(self, callback: Callable[[], Any]) -> Callable[[], None]:
+        """Run ``callback`` if the turn's reply is thrown away (or the turn is)."""
+        unregister_turn = self.on_cancel(callback)
+        if self.cancelled:
+            return unregister_turn
+        self._on_reply_cancel.append(callback)
+
+        def unregister() -> None:
+            unregister_turn()
+            try:
+                self._on_reply_cancel.remove(callback)
+            except ValueError:
+                pass
+
+        return unregister
+
 
 class TurnRegistry:
     """Hands out turn ids, remembers which turns are cancelled."""
@@ -113,6 +132,7 @@ class TurnRegistry:
         self._turns: dict[int, Turn] = {}
         self._next = 1
         self._channels: list[Channel[Any]] = []
+        self._reply_channels: list[Channel[Any]] = []
 
     def new(self) -> Turn:
         turn = Turn(self._next)
@@ -133,8 +153,36 @@ class TurnRegistry:
         turn = self._turns.get(turn_id)
         return turn is not None and turn.cancelled
 
-    def attach(self, channel: Channel[Any]) -> None:
+    def attach(self, channel: Channel[Any], reply: bool = False) -> None:
         self._channels.append(channel)
+        if reply:
+            self._reply_channels.append(channel)
+
+    def cancel_reply(self, turn_id: int, reason: str) -> bool:
+        """Throw away the reply being prepared, keep the user's turn open.
+
+        Used when the reply was started early (at a pause) and the user went
+        on speaking: the reply stages' work for the turn is cancelled and
+        their queued items dropped; listening and recognition go on.
+        """
+        turn = self._turns.get(turn_id)
+        if turn is None or turn.cancelled:
+            return False
+        callbacks, turn._on_reply_cancel = turn._on_reply_cancel, []
+        for callback in callbacks:
+            try:
+                turn._on_cancel.remove(callback)
+            except ValueError:
+                pass
+            try:
+                callback()
+            except Exception:
+                log.exception("reply cancel callback failed for turn %d", turn_id)
+        for channel in self._reply_channels:
+            channel.drop_turn(turn_id)
+        turn.replies_cancelled += 1
+        self._bus.publish(ReplyCancelled(turn_id=turn_id, reason=reason))
+        return True
 
     def cancel(self, turn_id: int, reason: str) -> bool:
         """Cancel a turn as a whole. Returns False if it was already over."""
@@ -237,6 +285,9 @@ class Stage(ABC):
     """
 
     name: ClassVar[str] = "stage"
+    # "reply" stages work on the assistant's answer: their work for a turn is
+    # also cancelled when only the reply is thrown away (see cancel_reply).
+    scope: ClassVar[str] = "turn"
 
     def __init__(self, ctx: PipelineContext) -> None:
         self.ctx = ctx
@@ -276,7 +327,12 @@ class Stage(ABC):
     async def _handle_for_turn(self, item: Any, turn_id: int | None) -> None:
         turn = self.ctx.turns.get(turn_id) if turn_id is not None else None
         task = asyncio.create_task(self.handle(item), name=f"{self.name}:{turn_id}")
-        unregister = turn.on_cancel(task.cancel) if turn is not None else (lambda: None)
+        if turn is None:
+            unregister: Callable[[], None] = lambda: None  # noqa: E731
+        elif self.scope == "reply":
+            unregister = turn.on_reply_cancel(task.cancel)
+        else:
+            unregister = turn.on_cancel(task.cancel)
         try:
             await asyncio.wait({task})
         except asyncio.CancelledError:  # the stage itself is being stopped
@@ -299,7 +355,7 @@ def connect(ctx: PipelineContext, stages: list[Stage]) -> None:
     for upstream, downstream in zip(stages, stages[1:]):
         upstream.outbox = downstream.inbox
     for stage in stages:
-        ctx.turns.attach(stage.inbox)
+        ctx.turns.attach(stage.inbox, reply=stage.scope == "reply")
 
 
 async def run_stages(stages: list[Stage]) -> None:
@@ -337,7 +393,7 @@ def milestones_of(event: Event) -> list[tuple[str, float]]:
             return [("speech_end", event.last_voiced_at)]
         case SpeechStopped():
             return [("speech_end", event.last_voiced_at), ("vad_end", event.at)]
-        case TranscriptFinal():
+        case TranscriptFinal() if not event.speculative:
             return [("asr_final", event.at)]
         case LLMToken():
             return [("llm_first_token", event.at)]
@@ -395,6 +451,13 @@ class Watchdog:
             for stage, (start, _) in BUDGETED_STAGES.items():
                 if start == "speech_end":
                     self._disarm(turn_id, stage)
+            return
+        if isinstance(event, ReplyCancelled):
+            stamps = self._stamps.get(turn_id, {})
+            for name in ("llm_first_token", "first_chunk", "tts_first_audio"):
+                stamps.pop(name, None)
+            for stage in ("first_chunk", "tts_first_audio"):
+                self._disarm(turn_id, stage)
             return
         for name, stamp in milestones_of(event):
             self._reach(turn_id, name, stamp)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .frames import TextChunk, TTSAudio, TTSDone, TTSFirstAudio, TurnCancelled
+from .frames import ReplyCancelled, TextChunk, TTSAudio, TTSDone, TTSFirstAudio, TurnCancelled
 from .runtime import PipelineContext, Stage, iterate_blocking
 
 
@@ -48,6 +48,7 @@ class TTSStage(Stage):
     """Speaks each chunk of the reply as soon as it is ready."""
 
     name = "tts"
+    scope = "reply"
 
     def __init__(
         self,
@@ -68,7 +69,7 @@ class TTSStage(Stage):
         ctx.bus.subscribe(self._forget_cancelled)
 
     def _forget_cancelled(self, event: Any) -> None:
-        if isinstance(event, TurnCancelled) and event.turn_id is not None:
+        if isinstance(event, (TurnCancelled, ReplyCancelled)) and event.turn_id is not None:
             self._resamplers.pop(event.turn_id, None)
             self._chunks.pop(event.turn_id, None)
 

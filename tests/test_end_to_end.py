@@ -40,14 +40,20 @@ def test_spoken_question_gets_a_spoken_reply(models: Any, config: Any, run: Any)
     assert word_error_rate(expected_text(wav), turn["transcript"]) <= 0.2
     assert turn["reply"] and turn["reply_chunks"]
 
-    # Milestones exist, in order, and the latencies add up.
+    # Milestones exist and are consistent. The reply is started at the pause
+    # (during the hangover), so its chain may run ahead of the turn's end,
+    # but no reply audio plays before the turn has ended.
     stamps = turn["milestones_ms"]
     assert list(stamps) == MILESTONES
-    values = list(stamps.values())
-    assert values == sorted(values), stamps
+    listening = [stamps[k] for k in ("speech_start", "speech_end", "vad_end", "asr_final")]
+    replying = [stamps[k] for k in ("llm_first_token", "first_chunk", "tts_first_audio", "first_audio_out", "reply_end")]
+    assert listening == sorted(listening) and replying == sorted(replying), stamps
+    assert stamps["first_audio_out"] >= stamps["vad_end"] - 0.1
+    if not turn["reply_started_at_pause"]:
+        assert stamps["llm_first_token"] >= stamps["asr_final"]
     lat = turn["latency_ms"]
     parts = ["end_of_speech_detect", "asr_final", "llm_first_token", "first_chunk", "tts_first_audio", "audio_out"]
-    assert abs(sum(lat[p] for p in parts) - turn["voice_to_voice_ms"]) < 1.0
+    assert sum(lat[p] for p in parts) >= turn["voice_to_voice_ms"] - 1.0
     assert turn["voice_to_voice_ms"] == pytest.approx(stamps["first_audio_out"] - stamps["speech_end"], abs=0.2)
 
     # The reply audio lies after the question on the input's timeline and,
@@ -67,7 +73,7 @@ def test_two_turns_in_one_file_keep_the_conversation(models: Any, config: Any, r
     pcm = load_pcm(ASSETS / "conversation" / "two_turns.wav")
     expected = (ASSETS / "conversation" / "two_turns.txt").read_text().splitlines()
     output = TimelineOutput(config.audio.output_rate, 16000)
-    session = Session(models, config, output)
+    session = Session(models, config, output, enforce_budgets=False)  # fed faster than real time
     run(session.run(file_source(pcm, 16000, config.audio.frame_ms, realtime=False)))
     turns = session.report.to_json()
     assert [t["status"] for t in turns] == ["completed", "completed"]
@@ -82,7 +88,7 @@ def test_cancelling_a_turn_mid_reply_leaves_nothing_running(models: Any, config:
     """Cancel as soon as the reply starts: no task, no vLLM request, no audio left."""
     pcm = load_pcm(ASSETS / "questions" / "moon_fact.wav")
     output = TimelineOutput(config.audio.output_rate, 16000)
-    session = Session(models, config, output)
+    session = Session(models, config, output, enforce_budgets=False)
     cancelled: list[int] = []
     states: dict[str, Any] = {}
 
@@ -119,7 +125,7 @@ def test_cancelling_a_turn_mid_reply_leaves_nothing_running(models: Any, config:
 def test_session_goes_on_after_a_cancelled_turn(models: Any, config: Any, run: Any) -> None:
     pcm = load_pcm(ASSETS / "conversation" / "two_turns.wav")
     output = TimelineOutput(config.audio.output_rate, 16000)
-    session = Session(models, config, output)
+    session = Session(models, config, output, enforce_budgets=False)
     seen: list[int] = []
 
     def cancel_first(event: Any) -> None:

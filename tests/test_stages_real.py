@@ -30,7 +30,7 @@ from pipeline.runtime import Channel, EventBus, PipelineContext, Stage, TurnRegi
 from pipeline.tts import PiperSynthesizer, TTSStage
 from pipeline.vad import SileroOpinion, VADSettings, VADStage
 
-from helpers import ASSETS, expected_text, load_pcm, question_files, word_error_rate
+from helpers import ASSETS, expected_text, load_pcm, question_files, word_error_rate, words
 
 pytestmark = pytest.mark.slow
 
@@ -135,14 +135,40 @@ def test_asr_streams_partials_and_a_final(wav: Any, config: Any, models: Any, ru
     assert len(finals) == 1
     final = finals[0]
     assert word_error_rate(expected_text(wav), final.text) <= 0.2, final.text
-    partials = [e for e in events if isinstance(e, TranscriptPartial)]
-    assert partials, "no partial transcript while speaking"
     stopped = next(e for e in events if isinstance(e, SpeechStopped))
     assert final.at >= stopped.at
+    assert asr.decode_ms, "nothing was decoded while the user spoke"
     # the stable prefix only ever grows
+    partials = [e for e in events if isinstance(e, TranscriptPartial)]
     stable = [p.stable.split() for p in partials]
     for a, b in zip(stable, stable[1:]):
         assert b[: len(a)] == a
+
+
+def test_asr_partials_arrive_while_the_user_speaks(config: Any, models: Any, run: Any) -> None:
+    """On the longest question, partial transcripts come before speech ends."""
+    wav = max(question_files(), key=lambda p: len(load_pcm(p)))
+    ctx, events = context()
+    asr = ASRStage(ctx, WhisperTranscriber(models.whisper), models.asr_executor, partial_interval_ms=300)
+    vad = vad_stage(ctx, config)
+
+    async def stream() -> None:
+        connect(ctx, [vad, asr])
+        asr.outbox = Channel("sink", 10_000)
+
+        async def feed() -> None:
+            async for f in file_source(load_pcm(wav), 16000, 20, realtime=True):
+                await vad.inbox.put(f)
+            await vad.inbox.put(END)
+
+        await asyncio.gather(feed(), run_stages([vad, asr]))
+
+    run(stream())
+    stopped = next(e for e in events if isinstance(e, SpeechStopped))
+    partials = [e for e in events if isinstance(e, TranscriptPartial) and e.at < stopped.last_voiced_at]
+    assert partials, f"no partial transcript while speaking ({len(asr.decode_ms)} decodes)"
+    # the last partial before the end already holds words of the question
+    assert set(words(partials[-1].text)) & set(words(expected_text(wav)))
 
 
 def test_llm_streams_a_spoken_style_answer(models: Any, config: Any, run: Any) -> None:
