@@ -358,8 +358,10 @@ def main() -> int:
                     r = ConfigResult(kind, spec, dtype, error=f"{type(exc).__name__}: {exc}")
                 gc.collect()
                 s = _summary(r) if r.error is None else None
+                load = os.getloadavg()[0]  # a busy neighbour on the shared cores shows here
                 print(f"{tag} " + (f"error: {r.error}" if s is None else
-                      f"ttft {_fmt(s['ttft'], 1000)} ms, {_fmt(s['per_token'], 1000, 1)} ms/tok"), flush=True)
+                      f"ttft {_fmt(s['ttft'], 1000)} ms, {_fmt(s['per_token'], 1000, 1)} ms/tok")
+                      + f" (load avg {load:.1f} on {os.cpu_count()} CPUs)", flush=True)
                 m = merged.get((kind, spec))
                 if m is None or (m.error is not None and r.error is None):
                     merged[(kind, spec)] = r

@@ -143,3 +143,39 @@ def test_session_goes_on_after_a_cancelled_turn(models: Any, config: Any, run: A
     assert [t["status"] for t in turns] == ["cancelled", "completed"]
     assert sum(isinstance(e, TurnCancelled) for e in events) == 1
     assert turns[1]["reply"]
+
+
+def test_a_reply_started_at_a_pause_is_dropped_when_the_user_goes_on(
+    models: Any, config: Any, run: Any, manifest: dict[str, Any]
+) -> None:
+    """Two sentences 440 ms apart (less than the hangover) are one turn.
+
+    The reply started at the pause after the first sentence must not be
+    heard: it is thrown away when speech resumes, and the answer is to the
+    whole utterance.
+    """
+    from pipeline.frames import ReplyCancelled
+
+    def speech(name: str) -> np.ndarray:
+        begin, end = manifest["files"][f"questions/{name}.wav"]["speech_s"]
+        return load_pcm(ASSETS / "questions" / f"{name}.wav")[int(begin * 16000) - 1600 : int(end * 16000) + 800]
+
+    gap = np.zeros(int(0.44 * 16000) - 2400, np.int16)
+    pcm = np.concatenate([np.zeros(8000, np.int16), speech("capital_of_france"), gap, speech("spider_legs"),
+                          np.zeros(24000, np.int16)])
+    output = TimelineOutput(config.audio.output_rate, 16000)
+    session = Session(models, config, output)
+    events: list[Any] = []
+    session.bus.subscribe(events.append)
+    run(session.run(file_source(pcm, 16000, config.audio.frame_ms, realtime=True, start=session.origin)))
+    turns = session.report.to_json()
+    assert len(turns) == 1 and turns[0]["status"] == "completed"
+    said = set(words(turns[0]["transcript"]))
+    assert {"capital", "france"} <= said and {"legs", "spider"} <= said, turns[0]["transcript"]
+    assert [m["role"] for m in session.conversation.messages()] == ["system", "user", "assistant"]
+    assert models.llm.pending_requests() == 0
+    discarded = [e for e in events if isinstance(e, ReplyCancelled)]
+    assert turns[0]["early_replies_discarded"] == len(discarded)
+    # Nothing was played before the user had finished.
+    first = np.flatnonzero(output.render())[0] / config.audio.output_rate * 1000
+    assert first >= turns[0]["milestones_ms"]["vad_end"] - 1
