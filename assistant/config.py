@@ -91,6 +91,7 @@ class LLMConfig:
 @dataclass
 class ChunkerConfig:
     first_min_words: int
+    first_max_words: int
     min_words: int
     max_words: int
 
@@ -166,6 +167,7 @@ _CHECKS: dict[str, tuple[Any, Any]] = {
     "llm.top_p": (0.0, 1.0),
     "llm.speculative.num_speculative_tokens": (1, 16),
     "chunker.first_min_words": (1, 50),
+    "chunker.first_max_words": (1, 200),
     "chunker.min_words": (1, 100),
     "chunker.max_words": (2, 200),
     "tts.length_scale": (0.25, 4.0),
@@ -314,6 +316,8 @@ def _check_ranges(config: Config) -> None:
             raise ConfigError(f"{dotted}: {value!r} is out of range [{low}, {high}]")
     if config.chunker.first_min_words > config.chunker.max_words:
         raise ConfigError("chunker.first_min_words: must not exceed chunker.max_words")
+    if config.chunker.first_max_words < config.chunker.first_min_words:
+        raise ConfigError("chunker.first_max_words: must be at least chunker.first_min_words")
     if config.vad.pause_ms >= config.vad.silence_ms:
         raise ConfigError("vad.pause_ms: must be shorter than vad.silence_ms")
     if config.llm.speculative.method == "draft_model" and not config.llm.speculative.draft_model:

@@ -393,6 +393,7 @@ class Session:
             ChunkerStage(
                 self.ctx,
                 first_min_words=config.chunker.first_min_words,
+                first_max_words=config.chunker.first_max_words,
                 min_words=config.chunker.min_words,
                 max_words=config.chunker.max_words,
             ),

@@ -247,6 +247,7 @@ class ASRStage(Stage):
                 utt.samples >= self._min_samples
                 and self._clock() - utt.last_decode_started >= self._interval
                 and (utt.latest is None or utt.latest.task.done())
+                and not self._heard_everything(utt)
             ):
                 self._start_decode(utt)
         elif isinstance(item, SpeechResumed):
@@ -272,6 +273,13 @@ class ASRStage(Stage):
                 turn = self.ctx.turns.get(utt.turn_id)
                 if turn is not None:
                     turn.on_cancel(self._final_chain.cancel)
+
+    @staticmethod
+    def _heard_everything(utt: _Utterance) -> bool:
+        """Paused, and a decode already covers the last voiced frame: decoding
+        the silence of the hangover again would only take CPU from the reply."""
+        paused = utt.paused_at_voiced
+        return paused is not None and utt.latest is not None and utt.latest.audio_end_at >= paused
 
     def _start_decode(self, utt: _Utterance) -> None:
         prefix = ""

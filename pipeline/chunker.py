@@ -229,7 +229,14 @@ class Segmenter:
     the result is the same however the text was split into deltas.
     """
 
-    def __init__(self, first_min_words: int = 3, min_words: int = 4, max_words: int = 30) -> None:
+    def __init__(
+        self, first_min_words: int = 3, min_words: int = 4, max_words: int = 30, first_max_words: int | None = None
+    ) -> None:
+        # The first chunk decides time to first audio: with no clause boundary
+        # by ``first_max_words`` words it is cut at a word boundary there.
+        if first_max_words is not None and first_max_words < first_min_words:
+            raise ValueError("first_max_words must be at least first_min_words")
+        self.first_max_words = first_max_words or max_words
         if min(first_min_words, min_words, max_words) < 1:
             raise ValueError("word limits must be at least 1")
         self.first_min_words = first_min_words
@@ -364,7 +371,8 @@ class Segmenter:
             elif not self._run_alnum and c.isalnum():
                 self._run_alnum = True
                 self._words += 1
-                if self._words > self.max_words:
+                limit = self.first_max_words if self._emitted == 0 else self.max_words
+                if self._words > limit:
                     return self._fallback or self._run_start
             i += 1
         self._pos = i
@@ -482,9 +490,11 @@ class ChunkerStage(Stage):
         first_min_words: int = 3,
         min_words: int = 4,
         max_words: int = 30,
+        first_max_words: int | None = None,
     ) -> None:
         super().__init__(ctx)
-        Segmenter(first_min_words, min_words, max_words)  # validate early
+        Segmenter(first_min_words, min_words, max_words, first_max_words)  # validate early
+        self.first_max_words = first_max_words
         self.first_min_words = first_min_words
         self.min_words = min_words
         self.max_words = max_words
@@ -502,7 +512,7 @@ class ChunkerStage(Stage):
                 stale = next(iter(self._turns))
                 log.warning("chunker: dropping unfinished turn %s", stale)
                 del self._turns[stale]
-            segmenter = Segmenter(self.first_min_words, self.min_words, self.max_words)
+            segmenter = Segmenter(self.first_min_words, self.min_words, self.max_words, self.first_max_words)
             state = self._turns[turn_id] = _TurnText(segmenter)
         return state
 

@@ -539,3 +539,15 @@ def test_stage_bounds_unfinished_turns() -> None:
 
     stage = asyncio.run(main())
     assert stage.live_turns == ChunkerStage.max_live_turns
+
+
+def test_first_chunk_is_cut_at_first_max_words_without_a_boundary() -> None:
+    seg = Segmenter(first_min_words=3, min_words=4, max_words=30, first_max_words=6)
+    out: list[str] = []
+    for token in "The boiling point of water is one hundred degrees Celsius at sea level. It boils lower up high.".split(" "):
+        out += seg.push(token + " ")
+    out += seg.flush()
+    assert out[0] == "The boiling point of water is"
+    assert out[1] == "one hundred degrees Celsius at sea level."
+    with pytest.raises(ValueError):
+        Segmenter(first_min_words=4, first_max_words=3)
