@@ -207,7 +207,7 @@ def _print_turn(session: Any):
 
 
 def _write_report(path: str, input_path: str, config: Any, session: Any, turns: list[dict[str, Any]], fast: bool) -> None:
-    from .models import resolve_weights_kind
+    from .models import resolve_speculation, resolve_weights_kind
 
     report = {
         "input": str(input_path),
@@ -215,7 +215,7 @@ def _write_report(path: str, input_path: str, config: Any, session: Any, turns: 
         "models": {
             "asr": "whisper tiny.en (CTranslate2, int8)",
             "llm": f"SmolLM2-135M-Instruct on vLLM ({resolve_weights_kind(config)} weights, "
-            f"speculative: {config.llm.speculative.method})",
+            f"speculative decoding: {resolve_speculation(config)})",
             "tts": "piper en_US-joe-medium",
         },
         "milestones_origin": "ms since the start of the input",

@@ -63,7 +63,7 @@ class ASRConfig:
 
 @dataclass
 class SpeculativeConfig:
-    method: Literal["none", "ngram", "draft_model"]
+    method: Literal["auto", "none", "ngram", "draft_model"]
     num_speculative_tokens: int
     prompt_lookup_min: int
     prompt_lookup_max: int
@@ -80,6 +80,7 @@ class LLMConfig:
     kv_cache_gib: float
     enforce_eager: bool
     cpu_threads: int
+    nice: int
     max_tokens: int
     temperature: float
     top_p: float
@@ -163,6 +164,7 @@ _CHECKS: dict[str, tuple[Any, Any]] = {
     "asr.beam_size": (1, 10),
     "asr.window_s": (5.0, 30.0),
     "llm.max_tokens": (1, 4096),
+    "llm.nice": (0, 19),
     "llm.temperature": (0.0, 2.0),
     "llm.top_p": (0.0, 1.0),
     "llm.speculative.num_speculative_tokens": (1, 16),

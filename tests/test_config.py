@@ -14,7 +14,7 @@ def test_defaults_load_and_hold_every_section() -> None:
     config = load_config()
     assert config.audio.input_rate == 16000
     assert config.vad.aggressiveness in range(4)
-    assert config.llm.speculative.method == "ngram"
+    assert config.llm.speculative.method == "auto"
     assert config.llm.system_prompt.startswith("You are")
 
 
