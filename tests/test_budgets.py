@@ -83,7 +83,8 @@ def heard(models: Any, pcm: np.ndarray, rate: int) -> str:
 
 @pytest.mark.slow
 def test_late_first_token_plays_the_acknowledgement_before_the_answer(models: Any, run: Any) -> None:
-    config = load_config(None, ["budgets.llm_first_token_ms=1", "budgets.first_chunk_ms=0"])
+    # (the reply must not start early at the pause, or its first token beats the final)
+    config = load_config(None, ["budgets.llm_first_token_ms=1", "budgets.first_chunk_ms=0", "asr.final_at_pause=false"])
     output = TimelineOutput(config.audio.output_rate, 16000)
     session = Session(models, config, output)
     pcm = load_pcm(ASSETS / "questions" / "boiling_point.wav")
