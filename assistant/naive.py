@@ -68,18 +68,10 @@ _request_ids = itertools.count(1)
 
 
 def _vad_settings(config: Config, with_silero: bool) -> VADSettings:
-    """The product's VAD settings (as assistant.session.Session builds them)."""
-    v = config.vad
-    return VADSettings(
-        frame_ms=config.audio.frame_ms,
-        aggressiveness=v.aggressiveness,
-        min_speech_ms=v.min_speech_ms,
-        silence_ms=v.silence_ms,
-        pause_ms=v.pause_ms,
-        preroll_ms=v.preroll_ms,
-        max_utterance_s=v.max_utterance_s,
-        silero_threshold=v.silero.threshold if with_silero else None,
-    )
+    """The product's VAD settings, so both pipelines end turns alike."""
+    from .session import vad_settings
+
+    return vad_settings(config, with_silero)
 
 
 async def _listen(

@@ -101,6 +101,21 @@ async def file_source(
         yield AudioFrame(pcm=chunk, sample_rate=rate, captured_at=captured, position=offset)
 
 
+def vad_settings(config: Config, with_silero: bool) -> VADSettings:
+    """The VAD's settings from the config (one place for every user of it)."""
+    v = config.vad
+    return VADSettings(
+        frame_ms=config.audio.frame_ms,
+        aggressiveness=v.aggressiveness,
+        min_speech_ms=v.min_speech_ms,
+        silence_ms=v.silence_ms,
+        pause_ms=v.pause_ms,
+        preroll_ms=v.preroll_ms,
+        max_utterance_s=v.max_utterance_s,
+        silero_threshold=v.silero.threshold if with_silero else None,
+    )
+
+
 def count_speech_turns(pcm: np.ndarray, config: Config) -> int:
     """How many user turns the VAD finds in a decoded file (no other model).
 
@@ -113,17 +128,7 @@ def count_speech_turns(pcm: np.ndarray, config: Config) -> int:
     silero = SileroOpinion().max_probability if v.silero.enabled else None
     bus = EventBus()
     ctx = PipelineContext(bus=bus, turns=TurnRegistry(bus))
-    settings = VADSettings(
-        frame_ms=config.audio.frame_ms,
-        aggressiveness=v.aggressiveness,
-        min_speech_ms=v.min_speech_ms,
-        silence_ms=v.silence_ms,
-        pause_ms=v.pause_ms,
-        preroll_ms=v.preroll_ms,
-        max_utterance_s=v.max_utterance_s,
-        silero_threshold=v.silero.threshold if silero else None,
-    )
-    vad = VADStage(ctx, settings, silero=silero)
+    vad = VADStage(ctx, vad_settings(config, silero is not None), silero=silero)
     starts: list[Event] = []
     bus.subscribe(lambda e: starts.append(e) if isinstance(e, SpeechStarted) else None)
 
@@ -363,21 +368,12 @@ class Session:
         observe = getattr(output, "observe", None)
         if observe is not None:
             bus.subscribe(observe)
-        v, a = config.vad, config.asr
+        a = config.asr
         self.conversation = Conversation(config.llm.system_prompt, config.llm.history_tokens, models.llm.count_tokens)
         self.stages: list[Stage] = [
             VADStage(
                 self.ctx,
-                VADSettings(
-                    frame_ms=config.audio.frame_ms,
-                    aggressiveness=v.aggressiveness,
-                    min_speech_ms=v.min_speech_ms,
-                    silence_ms=v.silence_ms,
-                    pause_ms=v.pause_ms,
-                    preroll_ms=v.preroll_ms,
-                    max_utterance_s=v.max_utterance_s,
-                    silero_threshold=v.silero.threshold if models.silero is not None else None,
-                ),
+                vad_settings(config, models.silero is not None),
                 silero=models.silero.max_probability if models.silero is not None else None,
             ),
             ASRStage(
