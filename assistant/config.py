@@ -42,6 +42,8 @@ class VADConfig:
     aggressiveness: int
     min_speech_ms: int
     silence_ms: int
+    complete_silence_ms: int
+    incomplete_silence_ms: int
     pause_ms: int
     preroll_ms: int
     max_utterance_s: float
@@ -156,6 +158,8 @@ _CHECKS: dict[str, tuple[Any, Any]] = {
     "vad.aggressiveness": (0, 3),
     "vad.min_speech_ms": (0, 5000),
     "vad.silence_ms": (50, 10000),
+    "vad.complete_silence_ms": (50, 10000),
+    "vad.incomplete_silence_ms": (50, 10000),
     "vad.pause_ms": (0, 10000),
     "vad.preroll_ms": (0, 2000),
     "vad.silero.threshold": (0.0, 1.0),
@@ -320,7 +324,8 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError("chunker.first_min_words: must not exceed chunker.max_words")
     if config.chunker.first_max_words < config.chunker.first_min_words:
         raise ConfigError("chunker.first_max_words: must be at least chunker.first_min_words")
-    if config.vad.pause_ms >= config.vad.silence_ms:
-        raise ConfigError("vad.pause_ms: must be shorter than vad.silence_ms")
+    for key in ("silence_ms", "complete_silence_ms", "incomplete_silence_ms"):
+        if config.vad.pause_ms >= getattr(config.vad, key):
+            raise ConfigError(f"vad.pause_ms: must be shorter than vad.{key}")
     if config.llm.speculative.method == "draft_model" and not config.llm.speculative.draft_model:
         raise ConfigError("llm.speculative.draft_model: required when llm.speculative.method is draft_model")

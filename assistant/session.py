@@ -58,7 +58,7 @@ from pipeline.runtime import (
     run_stages,
 )
 from pipeline.tts import PiperSynthesizer, TTSStage
-from pipeline.vad import VADSettings, VADStage
+from pipeline.vad import EndpointRule, VADSettings, VADStage
 
 from .audio_io import Resampler
 from .config import Config
@@ -384,6 +384,7 @@ class Session:
                 partial_interval_ms=a.partial_interval_ms,
                 min_partial_audio_ms=a.min_partial_audio_ms,
                 final_at_pause=a.final_at_pause,
+                endpoint=EndpointRule(config.vad.complete_silence_ms, config.vad.incomplete_silence_ms),
             ),
             LLMStage(self.ctx, models.llm, self.conversation, self.id),
             ChunkerStage(

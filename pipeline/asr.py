@@ -217,9 +217,11 @@ class ASRStage(Stage):
         min_partial_audio_ms: int = 400,
         clock: Callable[[], float] = time.monotonic,
         final_at_pause: bool = False,
+        endpoint: Any = None,
     ) -> None:
         super().__init__(ctx)
         self._final_at_pause = final_at_pause
+        self._endpoint = endpoint  # vad.EndpointRule, or None for silence alone
         self._transcribe = transcriber
         self._executor = executor
         self._rate = sample_rate
@@ -322,10 +324,16 @@ class ASRStage(Stage):
             unstable = " ".join(words[len(utt.committed) :])
             self.publish(TranscriptPartial(turn_id=utt.turn_id, stable=stable, unstable=unstable))
             paused = utt.paused_at_voiced
+            heard_all = paused is not None and decode.audio_end_at >= paused
+            hint = self._endpoint.silence_ms(text) if (heard_all and self._endpoint is not None) else None
+            if hint is not None:
+                # Tell the VAD how long this pause must last to end the turn.
+                self.ctx.endpoint_hints[utt.turn_id] = hint
+            unfinished = hint is not None and self._endpoint is not None and hint >= self._endpoint.incomplete_ms
             if (
                 self._final_at_pause
-                and paused is not None
-                and decode.audio_end_at >= paused
+                and heard_all
+                and not unfinished
                 and utt.early_text is None
                 and _has_words(text)
             ):

@@ -269,6 +269,9 @@ class PipelineContext:
 
     bus: EventBus
     turns: TurnRegistry
+    # Silence (ms) that ends a given turn, when recognition has read the
+    # words so far (see vad.EndpointRule): set by ASR, read by the VAD.
+    endpoint_hints: dict[int, int] = field(default_factory=dict)
 
     def cancel_turn(self, turn_id: int, reason: str) -> bool:
         return self.turns.cancel(turn_id, reason)

@@ -24,6 +24,42 @@ from .frames import AudioFrame, SpeechPaused, SpeechResumed, SpeechStarted, Spee
 from .runtime import PipelineContext, Stage
 
 
+_UNFINISHED = frozenset(
+    """a an the and or but nor so to of in on at by for with about from into onto than like as
+    my your his her its our their this that these those which who whom whose what where when how why
+    if because although though while until unless since whether is are was were be been am
+    i you we they he she it can could would should will shall may might must do does did have has had
+    not very more most um uh er erm hmm well""".split()
+)
+
+
+@dataclass(frozen=True)
+class EndpointRule:
+    """How long a pause ends the turn, from the words heard so far.
+
+    A pause after a complete question or sentence (ends in ``?``, ``!`` or
+    ``.`` and the last word is not a function word) ends the turn after
+    ``complete_ms`` of silence; a pause after an unfinished phrase ("I want
+    to go to ...": a trailing function word, comma or dash) waits
+    ``incomplete_ms``; anything else waits the VAD's own ``silence_ms``.
+    """
+
+    complete_ms: int = 300
+    incomplete_ms: int = 1000
+
+    def silence_ms(self, text: str) -> int | None:
+        stripped = text.strip()
+        if not stripped:
+            return None
+        words = stripped.split()
+        last = "".join(ch for ch in words[-1].lower() if ch.isalnum() or ch == "'")
+        if stripped.endswith((",", "-", "—", "...", "…")) or last in _UNFINISHED:
+            return self.incomplete_ms
+        if stripped.endswith(("?", "!", ".")):
+            return self.complete_ms
+        return None
+
+
 class FrameClassifier(Protocol):
     def is_speech(self, pcm: bytes, sample_rate: int) -> bool: ...
 
@@ -170,6 +206,7 @@ class VADStage(Stage):
         if voiced:
             self._last_voiced = frame
             self._silence_ms = 0
+            self.ctx.endpoint_hints.pop(self._turn_id, None)  # the words go on
             if self._paused:
                 self._paused = False
                 await self.send(SpeechResumed(turn_id=self._turn_id))
@@ -180,12 +217,14 @@ class VADStage(Stage):
             self._paused = True
             await self.send(SpeechPaused(turn_id=self._turn_id, last_voiced_at=self._last_voiced.captured_at))
         too_long = (frame.end_position - self._opened_at_position) / frame.sample_rate >= s.max_utterance_s
-        if self._silence_ms >= s.silence_ms or too_long:
+        required = self.ctx.endpoint_hints.get(self._turn_id, s.silence_ms)
+        if self._silence_ms >= required or too_long:
             await self._close()
 
     async def _close(self) -> None:
         assert self._turn_id is not None and self._last_voiced is not None
         turn_id, last = self._turn_id, self._last_voiced
+        self.ctx.endpoint_hints.pop(turn_id, None)
         self._turn_id = None
         self._last_voiced = None
         await self.send(

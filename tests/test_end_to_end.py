@@ -179,3 +179,28 @@ def test_a_reply_started_at_a_pause_is_dropped_when_the_user_goes_on(
     # Nothing was played before the user had finished.
     first = np.flatnonzero(output.render())[0] / config.audio.output_rate * 1000
     assert first >= turns[0]["milestones_ms"]["vad_end"] - 1
+
+
+def test_a_thinking_pause_after_an_unfinished_phrase_is_one_turn(models: Any, config: Any, run: Any) -> None:
+    """ "What I really want is" ... 700 ms ... "a cup of coffee." stays one turn,
+    while the same pause after a complete question would end it."""
+    from assistant.audio_io import Resampler
+    from pipeline.tts import PiperSynthesizer
+
+    def say(text: str) -> np.ndarray:
+        synth = PiperSynthesizer(models.piper)
+        pcm = np.concatenate(list(synth.synthesize(text)))
+        resampler = Resampler(synth.sample_rate, 16000)
+        return np.concatenate([resampler.process(pcm), resampler.flush()])
+
+    silence = np.zeros(int(0.7 * 16000), np.int16)
+    pcm = np.concatenate([silence, say("What I really want is"), silence, say("a cup of coffee."),
+                          np.zeros(32000, np.int16)])
+    output = TimelineOutput(config.audio.output_rate, 16000)
+    session = Session(models, config, output)
+    run(session.run(file_source(pcm, 16000, config.audio.frame_ms, realtime=True, start=session.origin)))
+    turns = session.report.to_json()
+    assert len(turns) == 1, [t["transcript"] for t in turns]
+    said = words(turns[0]["transcript"])
+    assert "want" in said and "coffee" in said, turns[0]["transcript"]
+    assert turns[0]["latency_ms"]["end_of_speech_detect"] < config.vad.silence_ms  # the complete end was quick

@@ -95,3 +95,16 @@ def test_a_failing_turn_becomes_an_error_event_and_the_stage_goes_on() -> None:
         assert ctx.turns.is_cancelled(bad.id) and stage.finished == [good.id]
 
     asyncio.run(main())
+
+
+def test_endpoint_rule_reads_the_words() -> None:
+    from pipeline.vad import EndpointRule
+
+    rule = EndpointRule(complete_ms=300, incomplete_ms=1000)
+    assert rule.silence_ms("What is the capital of France?") == 300
+    assert rule.silence_ms("Tell me a joke.") == 300
+    assert rule.silence_ms("I want to go to") == 1000
+    assert rule.silence_ms("I want to go to.") == 1000  # Whisper's full stop does not finish it
+    assert rule.silence_ms("Well, and then,") == 1000
+    assert rule.silence_ms("paris") is None  # no punctuation: the VAD's own silence
+    assert rule.silence_ms("") is None
