@@ -213,6 +213,32 @@ _CLAUSE = 1
 _NONE = 0
 
 
+# Words a spoken phrase naturally starts with: a forced first cut goes
+# before one of them ("The capital of France | is Paris").
+_PHRASE_STARTERS = frozenset(
+    """is are was were has have had can will would should could of and or but in on at for with to
+    from because which that who whose where when by as than about into after before during""".split()
+)
+_WORD = re.compile(r"\S+")
+
+
+def _phrase_cut(buf: str, end: int, min_words: int) -> int:
+    """Where to cut ``buf[:end]`` so the first chunk ends at a phrase boundary.
+
+    The latest word boundary before a phrase-starting word, keeping at least
+    ``min_words`` words; failing that, before a trailing number, so "93" and
+    "million" stay together. 0 when there is no better place than ``end``.
+    """
+    spans = list(_WORD.finditer(buf, 0, end))
+    for k in range(len(spans) - 1, min_words - 1, -1):
+        word = spans[k].group().strip(".,;:!?\"'()").lower()
+        if word in _PHRASE_STARTERS:
+            return spans[k].start()
+    if len(spans) > min_words and spans[-1].group().strip(".,").replace(",", "").isdigit():
+        return spans[-1].start()
+    return 0
+
+
 class Segmenter:
     """Cuts one streamed reply into speakable chunks.
 
@@ -373,6 +399,8 @@ class Segmenter:
                 self._words += 1
                 limit = self.first_max_words if self._emitted == 0 else self.max_words
                 if self._words > limit:
+                    if self._emitted == 0 and not self._fallback:
+                        return _phrase_cut(buf, self._run_start, self.first_min_words) or self._run_start
                     return self._fallback or self._run_start
             i += 1
         self._pos = i

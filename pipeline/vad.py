@@ -24,12 +24,17 @@ from .frames import AudioFrame, SpeechPaused, SpeechResumed, SpeechStarted, Spee
 from .runtime import PipelineContext, Stage
 
 
-_UNFINISHED = frozenset(
-    """a an the and or but nor so to of in on at by for with about from into onto than like as
-    my your his her its our their this that these those which who whom whose what where when how why
-    if because although though while until unless since whether is are was were be been am
-    i you we they he she it can could would should will shall may might must do does did have has had
-    not very more most um uh er erm hmm well""".split()
+# Words a finished sentence does not end with.
+_CONNECTORS = frozenset(
+    """a an the and or but nor to of in on at by for with about from into onto than as
+    my your his her its our their if because although though while until unless whether
+    um uh er erm hmm""".split()
+)
+# Words that end an unfinished statement ("what I want is ...") but also
+# finished questions ("how many legs does a spider have?").
+_AUXILIARIES = frozenset(
+    """is are was were be been am can could would should will shall may might must
+    do does did have has had not very like that which who what""".split()
 )
 
 
@@ -38,9 +43,10 @@ class EndpointRule:
     """How long a pause ends the turn, from the words heard so far.
 
     A pause after a complete question or sentence (ends in ``?``, ``!`` or
-    ``.`` and the last word is not a function word) ends the turn after
+    ``.`` and the last word does not leave it hanging) ends the turn after
     ``complete_ms`` of silence; a pause after an unfinished phrase ("I want
-    to go to ...": a trailing function word, comma or dash) waits
+    to go to ...": a trailing article, preposition or conjunction, a comma or
+    dash, or an auxiliary such as *is* outside a question) waits
     ``incomplete_ms``; anything else waits the VAD's own ``silence_ms``.
     """
 
@@ -53,7 +59,12 @@ class EndpointRule:
             return None
         words = stripped.split()
         last = "".join(ch for ch in words[-1].lower() if ch.isalnum() or ch == "'")
-        if stripped.endswith((",", "-", "—", "...", "…")) or last in _UNFINISHED:
+        question = stripped.endswith("?")
+        if (
+            stripped.endswith((",", "-", "—", "...", "…"))
+            or last in _CONNECTORS
+            or (last in _AUXILIARIES and not question)
+        ):
             return self.incomplete_ms
         if stripped.endswith(("?", "!", ".")):
             return self.complete_ms

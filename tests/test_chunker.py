@@ -547,7 +547,11 @@ def test_first_chunk_is_cut_at_first_max_words_without_a_boundary() -> None:
     for token in "The boiling point of water is one hundred degrees Celsius at sea level. It boils lower up high.".split(" "):
         out += seg.push(token + " ")
     out += seg.flush()
-    assert out[0] == "The boiling point of water is"
-    assert out[1] == "one hundred degrees Celsius at sea level."
+    # cut at the phrase boundary before "is", not mid-phrase at six words
+    assert out[0] == "The boiling point of water"
+    assert out[1] == "is one hundred degrees Celsius at sea level."
+    seg = Segmenter(first_min_words=3, first_max_words=5)
+    out = [c for w in "The sun is approximately 93 million miles away.".split(" ") for c in seg.push(w + " ")]
+    assert out[0] == "The sun is approximately"  # a number stays with what follows
     with pytest.raises(ValueError):
         Segmenter(first_min_words=4, first_max_words=3)

@@ -106,5 +106,8 @@ def test_endpoint_rule_reads_the_words() -> None:
     assert rule.silence_ms("I want to go to") == 1000
     assert rule.silence_ms("I want to go to.") == 1000  # Whisper's full stop does not finish it
     assert rule.silence_ms("Well, and then,") == 1000
+    assert rule.silence_ms("How many legs does a spider have?") == 300
+    assert rule.silence_ms("What I really want is.") == 1000
+    assert rule.silence_ms("Can you tell me about the?") == 1000
     assert rule.silence_ms("paris") is None  # no punctuation: the VAD's own silence
     assert rule.silence_ms("") is None
