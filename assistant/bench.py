@@ -16,6 +16,8 @@ from typing import Any
 
 from .config import Config
 from .errors import InputError
+from pipeline.runtime import BUDGETED_STAGES
+
 from .session import STAGE_LATENCIES
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".webm"}
@@ -46,9 +48,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-# Report latency name -> budgeted stage name (runtime.BUDGETED_STAGES).
-_BUDGET_OF = {"end_of_speech_detect": "end_of_speech", "asr_final": "asr_final", "llm_first_token": "llm_first_token",
-              "first_chunk": "first_chunk", "tts_first_audio": "tts_first_audio", "voice_to_voice": "voice_to_voice"}
+# Report latency name -> the budgeted stage spanning the same two milestones.
+_BUDGET_OF = {
+    name: stage
+    for name, start, end in STAGE_LATENCIES
+    for stage, span in BUDGETED_STAGES.items()
+    if span == (start, end)
+}
 
 
 def summarize(turns: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

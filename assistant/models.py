@@ -21,6 +21,7 @@ runs in its own process.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -101,8 +102,6 @@ def load_whisper(config: Config) -> Any:
 def load_piper(config: Config) -> Any:
     """A piper voice whose onnxruntime session does not spin when idle."""
     _require("piper", "pip install piper-tts")
-    import json
-
     import onnxruntime
     from piper import PiperVoice
     from piper.config import PiperConfig
@@ -238,11 +237,14 @@ def create_engine(config: Config, weights: Path) -> Any:
 
     from .llm_weights import ENGINE_DTYPE
 
-    kind = "int4" if "-int4-" in weights.name else None
+    # A folder made from the bundled GGUF says which weights it holds; the
+    # int4 kernel needs its own activation dtype.
+    marker = weights / "llm_weights.json"
+    kind = json.loads(marker.read_text(encoding="utf-8"))["kind"] if marker.is_file() else None
     args = AsyncEngineArgs(
         model=str(weights),
         tokenizer=str(weights),
-        dtype=ENGINE_DTYPE["int4"] if kind else config.llm.dtype,
+        dtype=ENGINE_DTYPE["int4"] if kind == "int4" else config.llm.dtype,
         max_model_len=config.llm.max_model_len,
         enforce_eager=config.llm.enforce_eager,
         speculative_config=speculative_config(config),

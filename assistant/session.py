@@ -48,6 +48,8 @@ from pipeline.frames import (
 from pipeline.llm import Conversation, LLMStage
 from pipeline.playback import AudioOutput, PlaybackStage
 from pipeline.runtime import (
+    BUDGETED_STAGES,
+    REPLY_MILESTONES,
     Budget,
     EventBus,
     PipelineContext,
@@ -225,7 +227,7 @@ class TurnReport:
                 t.early_reply = True
             case ReplyCancelled():
                 t.replies_discarded += 1
-                for name in ("llm_first_token", "first_chunk", "tts_first_audio"):
+                for name in REPLY_MILESTONES:
                     t.stamps.pop(name, None)
                 t.chunks.clear()
                 t.llm_tokens = 0
@@ -325,19 +327,8 @@ class TurnReport:
 def budgets_of(config: Config) -> list[Budget]:
     """The configured budgets (a budget of 0 ms is none)."""
     b = config.budgets
-    return [
-        Budget(stage, ms, getattr(b.policies, stage))
-        for stage, ms in (
-            ("end_of_speech", b.end_of_speech_ms),
-            ("asr_final", b.asr_final_ms),
-            ("llm_first_token", b.llm_first_token_ms),
-            ("first_chunk", b.first_chunk_ms),
-            ("tts_first_audio", b.tts_first_audio_ms),
-            ("voice_to_voice", b.voice_to_voice_ms),
-            ("turn", b.turn_ms),
-        )
-        if ms > 0
-    ]
+    budgets = [Budget(stage, getattr(b, f"{stage}_ms"), getattr(b.policies, stage)) for stage in BUDGETED_STAGES]
+    return [budget for budget in budgets if budget.ms > 0]
 
 
 class Session:

@@ -13,8 +13,8 @@ The final transcript reuses that work instead of starting from scratch:
    (:class:`SpeechStopped`) that decode is usually finished or nearly so and
    becomes the final transcript: no decode at all after the user stopped.
 2. If the user spoke again after that decode started, one more decode of the
-   whole utterance runs (Whisper's encoder sees a fixed 30 s window, so a
-   "tail only" decode would cost the same). Committed words are not forced
+   whole utterance runs (the encoder window is at least 10 s, so a "tail
+   only" decode would cost about the same). Committed words are not forced
    as a decoder prefix: an early wrong word, committed from a short buffer,
    then poisoned every later decode (seen: "Do do do ..." loops).
 """
@@ -49,7 +49,7 @@ from .runtime import PipelineContext, Stage, run_blocking
 class Transcriber(Protocol):
     """Blocking speech-to-text on 16 kHz float32 audio."""
 
-    def __call__(self, audio: np.ndarray, prefix: str | None) -> str: ...
+    def __call__(self, audio: np.ndarray) -> str: ...
 
 
 class WhisperTranscriber:
@@ -79,20 +79,18 @@ class WhisperTranscriber:
         )
         self._prompt = [*self._tokenizer.sot_sequence, self._tokenizer.no_timestamps]
 
-    def __call__(self, audio: np.ndarray, prefix: str | None) -> str:
-        text = self._decode(audio, prefix)
-        if prefix and degenerate(text):
-            text = self._decode(audio, None)  # a wrong prefix can start a loop
+    def __call__(self, audio: np.ndarray) -> str:
+        text = self._decode(audio)
         return collapse_repeats(text) if degenerate(text) else text
 
-    def _decode(self, audio: np.ndarray, prefix: str | None) -> str:
+    def _decode(self, audio: np.ndarray) -> str:
         seconds = len(audio) / 16000
         # Speech runs at 2-4 tokens a second; a cap well above that stops a
         # repetition loop early instead of decoding 200 tokens of "do do do".
         max_tokens = int(12 + 8 * seconds)
         window = max(self.window_s, seconds + 1.0)
-        if window >= 30 or prefix:
-            return self._decode_30s(audio, prefix, max_tokens)
+        if window >= 30:
+            return self._decode_30s(audio, max_tokens)
         import ctranslate2
 
         padded = np.zeros(int(window * 16000), dtype=np.float32)
@@ -104,7 +102,7 @@ class WhisperTranscriber:
         )
         return self._tokenizer.decode(result[0].sequences_ids[0]).strip()
 
-    def _decode_30s(self, audio: np.ndarray, prefix: str | None, max_tokens: int) -> str:
+    def _decode_30s(self, audio: np.ndarray, max_tokens: int) -> str:
         segments, _info = self.model.transcribe(
             audio,
             max_new_tokens=max_tokens,
@@ -117,7 +115,6 @@ class WhisperTranscriber:
             compression_ratio_threshold=None,
             log_prob_threshold=None,
             no_speech_threshold=None,
-            prefix=prefix or None,
         )
         return " ".join(s.text.strip() for s in segments).strip()
 
@@ -169,7 +166,6 @@ class _Decode:
     task: asyncio.Task[str]
     samples: int  # how much of the buffer it saw
     audio_end_at: float  # capture stamp of the last frame it saw
-    prefix: str
     started_at: float
 
 
@@ -284,11 +280,9 @@ class ASRStage(Stage):
         return paused is not None and utt.latest is not None and utt.latest.audio_end_at >= paused
 
     def _start_decode(self, utt: _Utterance) -> None:
-        prefix = ""
         samples = utt.samples
-        audio = utt.audio(samples)
-        task = asyncio.create_task(self._decode(audio, prefix))
-        decode = _Decode(task, samples, utt.audio_end_at, prefix, self._clock())
+        task = asyncio.create_task(self._decode(utt.audio(samples)))
+        decode = _Decode(task, samples, utt.audio_end_at, self._clock())
         utt.latest = decode
         utt.last_decode_started = decode.started_at
         utt.decodes += 1
@@ -297,11 +291,11 @@ class ASRStage(Stage):
             turn.on_cancel(task.cancel)
         task.add_done_callback(lambda t: self._on_partial(utt, decode, t))
 
-    async def _decode(self, audio: np.ndarray, prefix: str) -> str:
+    async def _decode(self, audio: np.ndarray) -> str:
         started = time.perf_counter()
-        tail = await run_blocking(self._executor, self._transcribe, audio, prefix or None)
+        text = await run_blocking(self._executor, self._transcribe, audio)
         self.decode_ms.append((time.perf_counter() - started) * 1000)
-        return f"{prefix} {tail}".strip() if prefix else tail
+        return text
 
     def _on_partial(self, utt: _Utterance, decode: _Decode, task: asyncio.Task[str]) -> None:
         if task.cancelled() or task.exception() is not None:
@@ -325,11 +319,13 @@ class ASRStage(Stage):
             self.publish(TranscriptPartial(turn_id=utt.turn_id, stable=stable, unstable=unstable))
             paused = utt.paused_at_voiced
             heard_all = paused is not None and decode.audio_end_at >= paused
-            hint = self._endpoint.silence_ms(text) if (heard_all and self._endpoint is not None) else None
-            if hint is not None:
-                # Tell the VAD how long this pause must last to end the turn.
-                self.ctx.endpoint_hints[utt.turn_id] = hint
-            unfinished = hint is not None and self._endpoint is not None and hint >= self._endpoint.incomplete_ms
+            unfinished = False
+            if heard_all and self._endpoint is not None:
+                hint = self._endpoint.silence_ms(text)
+                if hint is not None:
+                    # Tell the VAD how long this pause must last to end the turn.
+                    self.ctx.endpoint_hints[utt.turn_id] = hint
+                unfinished = self._endpoint.classify(text) == "unfinished"
             if (
                 self._final_at_pause
                 and heard_all
@@ -409,7 +405,7 @@ class ASRStage(Stage):
                 pass
         if latest is not None and not latest.task.done():
             await asyncio.wait({latest.task})  # one decode at a time
-        return await self._decode(utt.audio(utt.samples), ""), False
+        return await self._decode(utt.audio(utt.samples)), False
 
     async def finish(self) -> None:
         if self._final_chain is not None and not self._final_chain.done():

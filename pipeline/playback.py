@@ -173,7 +173,7 @@ class PlaybackStage(Stage):
         """Whether any audio of the turn has gone to the output."""
         return turn_id in self._started
 
-    def interject(self, turn_id: int, pcm: np.ndarray, tag: int | None = None) -> None:
+    def interject(self, turn_id: int, pcm: np.ndarray) -> None:
         """Play a canned phrase for a turn now (acknowledgement, apology).
 
         It goes to the output ahead of whatever the turn says later, which
@@ -181,7 +181,7 @@ class PlaybackStage(Stage):
         is ready by the time the phrase ends. If it is the first audio of the
         turn it marks the reply's start, so nobody waits in dead silence.
         """
-        at, position = self.output.write(turn_id if tag is None else tag, pcm)
+        at, position = self.output.write(turn_id, pcm)
         if turn_id not in self._started:
             self._started[turn_id] = 0
             turn = self.ctx.turns.get(turn_id)

@@ -90,7 +90,6 @@ class Turn:
     cancel_reason: str | None = None
     _on_cancel: list[Callable[[], Any]] = field(default_factory=list)
     _on_reply_cancel: list[Callable[[], Any]] = field(default_factory=list)
-    replies_cancelled: int = 0
 
     def on_cancel(self, callback: Callable[[], Any]) -> Callable[[], None]:
         """Run ``callback`` if the turn is cancelled; returns an unregister."""
@@ -180,7 +179,6 @@ class TurnRegistry:
                 log.exception("reply cancel callback failed for turn %d", turn_id)
         for channel in self._reply_channels:
             channel.drop_turn(turn_id)
-        turn.replies_cancelled += 1
         self._bus.publish(ReplyCancelled(turn_id=turn_id, reason=reason))
         return True
 
@@ -387,6 +385,9 @@ BUDGETED_STAGES: dict[str, tuple[str, str]] = {
     # the hard cap: until the whole reply is synthesized (or the turn ends)
     "turn": ("speech_end", "turn_end"),
 }
+# Milestones of the reply itself: a discarded reply (cancel_reply) takes
+# them back, and the next attempt reaches them again.
+REPLY_MILESTONES = ("llm_first_token", "first_chunk", "tts_first_audio")
 
 
 def milestones_of(event: Event) -> list[tuple[str, float]]:
@@ -457,10 +458,11 @@ class Watchdog:
             return
         if isinstance(event, ReplyCancelled):
             stamps = self._stamps.get(turn_id, {})
-            for name in ("llm_first_token", "first_chunk", "tts_first_audio"):
+            for name in REPLY_MILESTONES:
                 stamps.pop(name, None)
-            for stage in ("first_chunk", "tts_first_audio"):
-                self._disarm(turn_id, stage)
+            for stage, (start, _) in BUDGETED_STAGES.items():
+                if start in REPLY_MILESTONES:
+                    self._disarm(turn_id, stage)
             return
         for name, stamp in milestones_of(event):
             self._reach(turn_id, name, stamp)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -53,7 +53,8 @@ class EndpointRule:
     complete_ms: int = 300
     incomplete_ms: int = 1000
 
-    def silence_ms(self, text: str) -> int | None:
+    def classify(self, text: str) -> Literal["complete", "unfinished"] | None:
+        """Whether the words so far read as a finished turn (None: can't tell)."""
         stripped = text.strip()
         if not stripped:
             return None
@@ -65,10 +66,17 @@ class EndpointRule:
             or last in _CONNECTORS
             or (last in _AUXILIARIES and not question)
         ):
-            return self.incomplete_ms
+            return "unfinished"
         if stripped.endswith(("?", "!", ".")):
-            return self.complete_ms
+            return "complete"
         return None
+
+    def silence_ms(self, text: str) -> int | None:
+        """The silence that ends the turn after ``text`` (None: the VAD's own)."""
+        kind = self.classify(text)
+        if kind is None:
+            return None
+        return self.complete_ms if kind == "complete" else self.incomplete_ms
 
 
 class FrameClassifier(Protocol):

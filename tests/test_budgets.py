@@ -81,14 +81,23 @@ def heard(models: Any, pcm: np.ndarray, rate: int) -> str:
     return " ".join(s.text for s in segments)
 
 
+def converse(models: Any, run: Any, question: str, overrides: list[str]) -> tuple[Any, Session, TimelineOutput]:
+    """One committed question through a session with some budgets overridden."""
+    config = load_config(None, overrides)
+    output = TimelineOutput(config.audio.output_rate, 16000)
+    session = Session(models, config, output)
+    pcm = load_pcm(ASSETS / "questions" / f"{question}.wav")
+    run(session.run(file_source(pcm, 16000, 20, realtime=True, start=session.origin)))
+    return config, session, output
+
+
 @pytest.mark.slow
 def test_late_first_token_plays_the_acknowledgement_before_the_answer(models: Any, run: Any) -> None:
     # (the reply must not start early at the pause, or its first token beats the final)
-    config = load_config(None, ["budgets.llm_first_token_ms=1", "budgets.first_chunk_ms=0", "asr.final_at_pause=false"])
-    output = TimelineOutput(config.audio.output_rate, 16000)
-    session = Session(models, config, output)
-    pcm = load_pcm(ASSETS / "questions" / "boiling_point.wav")
-    run(session.run(file_source(pcm, 16000, 20, realtime=True, start=session.origin)))
+    config, session, output = converse(
+        models, run, "boiling_point",
+        ["budgets.llm_first_token_ms=1", "budgets.first_chunk_ms=0", "asr.final_at_pause=false"],
+    )
     turn = session.report.to_json()[0]
     assert turn["status"] == "completed"
     exceeded = turn["budget_exceeded"]
@@ -107,11 +116,9 @@ def test_late_first_token_plays_the_acknowledgement_before_the_answer(models: An
 
 @pytest.mark.slow
 def test_hard_cap_ends_the_turn_with_the_apology(models: Any, run: Any) -> None:
-    config = load_config(None, ["budgets.turn_ms=700", "budgets.llm_first_token_ms=0", "budgets.first_chunk_ms=0"])
-    output = TimelineOutput(config.audio.output_rate, 16000)
-    session = Session(models, config, output)
-    pcm = load_pcm(ASSETS / "questions" / "make_tea.wav")
-    run(session.run(file_source(pcm, 16000, 20, realtime=True, start=session.origin)))
+    config, session, output = converse(
+        models, run, "make_tea", ["budgets.turn_ms=700", "budgets.llm_first_token_ms=0", "budgets.first_chunk_ms=0"]
+    )
     run(asyncio.sleep(0.3))
     turn = session.report.to_json(include_dropped=True)[0]
     assert turn["status"] == "cancelled" and "turn budget" in turn["cancel_reason"]

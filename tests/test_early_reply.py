@@ -36,7 +36,7 @@ from pipeline.tts import TTSStage
 class FakeTranscriber:
     """Says how much audio it heard."""
 
-    def __call__(self, audio: np.ndarray, prefix: str | None) -> str:
+    def __call__(self, audio: np.ndarray) -> str:
         return f"heard {round(len(audio) / 16000, 1)} seconds"
 
 

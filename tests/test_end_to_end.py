@@ -188,14 +188,8 @@ def test_a_reply_started_at_a_pause_is_dropped_when_the_user_goes_on(
 def test_a_thinking_pause_after_an_unfinished_phrase_is_one_turn(models: Any, config: Any, run: Any) -> None:
     """ "I need some help with" ... 700 ms ... "my homework." stays one turn,
     while the same pause after a complete question would end it."""
-    from assistant.audio_io import Resampler
-    from pipeline.tts import PiperSynthesizer
-
     def say(text: str) -> np.ndarray:
-        synth = PiperSynthesizer(models.piper)
-        pcm = np.concatenate(list(synth.synthesize(text)))
-        resampler = Resampler(synth.sample_rate, 16000)
-        return np.concatenate([resampler.process(pcm), resampler.flush()])
+        return models.phrase(text, 16000)
 
     silence = np.zeros(int(0.7 * 16000), np.int16)
     pcm = np.concatenate([silence, say("I need some help with"), silence, say("my homework."),
