@@ -132,6 +132,37 @@ class BudgetsConfig:
 
 
 @dataclass
+class BargeInConfig:
+    enabled: bool
+    min_speech_ms: int
+    silero_threshold: float
+    min_rms_dbfs: float
+
+
+@dataclass
+class EchoConfig:
+    cancel: Literal["auto", "on", "off"]
+    tail_ms: int
+    delay_ms: int
+
+
+@dataclass
+class ServerConfig:
+    host: str
+    port: int
+    auth_token: str | None
+    allowed_origins: list[str]
+    max_sessions: int
+    max_message_bytes: int
+    idle_timeout_s: float
+    ping_interval_s: float
+    ping_timeout_s: float
+    max_input_rate: float
+    jitter_buffer_ms: int
+    shutdown_grace_s: float
+
+
+@dataclass
 class Config:
     audio: AudioConfig
     vad: VADConfig
@@ -140,6 +171,9 @@ class Config:
     chunker: ChunkerConfig
     tts: TTSConfig
     budgets: BudgetsConfig
+    barge_in: BargeInConfig
+    echo: EchoConfig
+    server: ServerConfig
     log_level: Literal["debug", "info", "warning", "error"] = field(default="info")
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,6 +218,20 @@ _CHECKS: dict[str, tuple[Any, Any]] = {
     "budgets.tts_first_audio_ms": (0, 60000),
     "budgets.voice_to_voice_ms": (0, 60000),
     "budgets.turn_ms": (0, 600000),
+    "barge_in.min_speech_ms": (20, 5000),
+    "barge_in.silero_threshold": (0.0, 1.0),
+    "barge_in.min_rms_dbfs": (-90.0, 0.0),
+    "echo.tail_ms": (10, 1000),
+    "echo.delay_ms": (0, 1000),
+    "server.port": (0, 65535),
+    "server.max_sessions": (1, 1000),
+    "server.max_message_bytes": (1024, 16 * 1024 * 1024),
+    "server.idle_timeout_s": (1, 86400),
+    "server.ping_interval_s": (1, 3600),
+    "server.ping_timeout_s": (1, 3600),
+    "server.max_input_rate": (1.0, 100.0),
+    "server.jitter_buffer_ms": (0, 5000),
+    "server.shutdown_grace_s": (0, 60),
 }
 
 
@@ -285,6 +333,11 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, dotted)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{dotted}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [value if inner is Any else _coerce(inner, item, f"{dotted}[{i}]") for i, item in enumerate(value)]
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
