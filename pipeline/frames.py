@@ -41,6 +41,7 @@ __all__ = [
     "ReplyAudioEnded",
     "TurnCancelled",
     "ReplyCancelled",
+    "ReplyInterrupted",
     "TurnCompleted",
     "BudgetExceeded",
     "StageError",
@@ -262,6 +263,30 @@ class ReplyCancelled(Event):
 
 
 @dataclass(slots=True, kw_only=True)
+class ReplyInterrupted(Event):
+    """The user spoke over the reply (barge-in) and it was stopped there.
+
+    ``heard_text`` is the part of the reply the user heard, cut at the
+    played position (``played_samples`` at ``sample_rate``); the history
+    keeps only that, marked interrupted. ``onset_at`` is the capture stamp of
+    the interrupting speech's first voiced frame and ``stopped_at`` when the
+    last reply sample played: ``stop_ms`` is the barge-in stop time.
+    ``by_turn`` is the new user turn the interruption opened.
+    """
+
+    heard_text: str
+    played_samples: int
+    sample_rate: int
+    onset_at: float
+    stopped_at: float
+    by_turn: int | None = None
+
+    @property
+    def stop_ms(self) -> float:
+        return max(0.0, (self.stopped_at - self.onset_at) * 1000)
+
+
+@dataclass(slots=True, kw_only=True)
 class TurnCompleted(Event):
     """Every stage finished the turn. The report builder closes it."""
 
@@ -304,6 +329,7 @@ _KINDS: dict[type, str] = {
     ReplyAudioEnded: "response.audio_ended",
     TurnCancelled: "turn.cancelled",
     ReplyCancelled: "response.cancelled",
+    ReplyInterrupted: "response.interrupted",
     TurnCompleted: "turn.completed",
     BudgetExceeded: "budget.exceeded",
     StageError: "error",

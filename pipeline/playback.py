@@ -41,6 +41,15 @@ class AudioOutput(Protocol):
         """Drop the turn's audio that has not played yet."""
         ...
 
+    def played(self, turn_id: int) -> tuple[int, float]:
+        """How much of the turn's audio has been heard: (samples, as of when).
+
+        Asked at a barge-in, right after :meth:`clear`: the samples are what
+        the listener really heard (the history is cut there) and the time is
+        when the last of them plays (the end of the barge-in stop time).
+        """
+        ...
+
     async def drain(self, turn_id: int) -> float:
         """Wait until the turn's audio has played; return when it ended."""
         ...
