@@ -97,7 +97,7 @@ async def run_bench(config: Config, models: Any, files: list[Path]) -> dict[str,
 
     async def one(path: Path, count: bool = True) -> list[dict[str, Any]]:
         pcm = decode_file(path, config.audio.input_rate, config.audio.max_input_seconds)
-        session = Session(models, config, TimelineOutput(config.audio.output_rate, config.audio.input_rate))
+        session = Session(models, config, TimelineOutput(config.audio.output_rate, config.audio.input_rate, realtime=False))
         source = file_source(pcm, config.audio.input_rate, config.audio.frame_ms, realtime=True, start=session.origin)
         await session.run(source)
         if count:

@@ -162,7 +162,7 @@ async def _converse(args: argparse.Namespace, config: Any, models: Any, pcm: Any
     from .audio_io import write_wav
     from .session import Session, file_source
 
-    output = TimelineOutput(config.audio.output_rate, config.audio.input_rate)
+    output = TimelineOutput(config.audio.output_rate, config.audio.input_rate, realtime=not args.fast)
     await _warm_up(models)
     session = Session(models, config, output, enforce_budgets=not args.fast)
     session.report.listeners.append(_print_turn(session))
@@ -200,7 +200,9 @@ def _print_turn(session: Any):
             _say(f"  assistant: {data['reply']}")
         if v2v is not None:
             _say(f"  voice-to-voice: {v2v:.0f} ms")
-        if record.status == "cancelled":
+        if record.status == "interrupted":
+            _say(f"  (interrupted by you after: \"{data['heard_text']}\"; stopped in {data['barge_in_stop_ms']:.0f} ms)")
+        elif record.status == "cancelled":
             _say(f"  (turn cancelled: {record.cancel_reason})")
 
     return show

@@ -56,6 +56,11 @@ class SpeakerOutput:
     def clear(self, turn_id: int) -> None:
         self.speaker.clear()
 
+    def played(self, turn_id: int) -> tuple[int, float]:
+        """Samples of the turn handed to the device; the last of them is
+        heard once the device's own buffer has played (its latency)."""
+        return self.speaker.buffer.played(turn_id), time.monotonic() + self.speaker.latency
+
     async def drain(self, turn_id: int) -> float:
         self.speaker.finish()
         while self.speaker.pending() > 0:

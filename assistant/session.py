@@ -34,6 +34,7 @@ from pipeline.frames import (
     ReplyAudioEnded,
     ReplyCancelled,
     ReplyAudioStarted,
+    ReplyInterrupted,
     SpeechStarted,
     SpeechStopped,
     StageError,
@@ -60,6 +61,7 @@ from pipeline.runtime import (
     run_stages,
 )
 from pipeline.tts import PiperSynthesizer, TTSStage
+from pipeline.turntaking import Floor, TurnTaking
 from pipeline.vad import EndpointRule, VADSettings, VADStage
 
 from .audio_io import Resampler
@@ -106,7 +108,12 @@ async def file_source(
 def vad_settings(config: Config, with_silero: bool) -> VADSettings:
     """The VAD's settings from the config (one place for every user of it)."""
     v = config.vad
+    b = config.barge_in
     return VADSettings(
+        barge_in=b.enabled,
+        barge_in_min_speech_ms=b.min_speech_ms,
+        barge_in_silero_threshold=b.silero_threshold if with_silero else None,
+        barge_in_min_rms_dbfs=b.min_rms_dbfs,
         frame_ms=config.audio.frame_ms,
         aggressiveness=v.aggressiveness,
         min_speech_ms=v.min_speech_ms,
@@ -166,6 +173,10 @@ class TurnRecord:
     early_reply: bool = False
     replies_discarded: int = 0
     asr_final_forced: bool = False
+    interrupted: bool = False
+    heard_text: str | None = None
+    barge_in_stop_ms: float | None = None
+    barge_in: bool = False  # this turn itself interrupted a reply
 
     def stamp(self, name: str, at: float) -> None:
         self.stamps.setdefault(name, at)
@@ -218,6 +229,13 @@ class TurnReport:
         match event:
             case SpeechStarted():
                 t.stamp("speech_start", event.onset_at)
+                t.barge_in = event.barge_in
+            case ReplyInterrupted():
+                t.interrupted = True
+                t.heard_text = event.heard_text
+                t.barge_in_stop_ms = round(event.stop_ms, 1)
+                t.stamp("reply_end", event.stopped_at)
+                t.reply_samples = event.played_samples
             case SpeechStopped():
                 t.stamp("speech_end", event.last_voiced_at)
                 t.stamp("vad_end", event.at)
@@ -257,7 +275,7 @@ class TurnReport:
                 t.status = "completed"
                 self._closed(t)
             case TurnCancelled():
-                t.status = "cancelled"
+                t.status = "interrupted" if t.interrupted else "cancelled"
                 t.cancel_reason = event.reason
                 self._closed(t)
             case StageError():
@@ -310,6 +328,10 @@ class TurnReport:
             "early_replies_discarded": t.replies_discarded,
             "llm_tokens": t.llm_tokens,
             "reply_audio_seconds": round(t.reply_samples / self.output_rate, 3),
+            "interrupted": t.interrupted,
+            "heard_text": t.heard_text,
+            "barge_in_stop_ms": t.barge_in_stop_ms,
+            "opened_by_barge_in": t.barge_in,
             "milestones_ms": {k: ms[k] for k in MILESTONES if k in ms},
             "latency_ms": latency,
             "voice_to_voice_ms": latency.get("voice_to_voice"),
@@ -361,11 +383,13 @@ class Session:
             bus.subscribe(observe)
         a = config.asr
         self.conversation = Conversation(config.llm.system_prompt, config.llm.history_tokens, models.llm.count_tokens)
+        self.floor = Floor()
         self.stages: list[Stage] = [
             VADStage(
                 self.ctx,
                 vad_settings(config, models.silero is not None),
                 silero=models.silero.max_probability if models.silero is not None else None,
+                floor=self.floor,
             ),
             ASRStage(
                 self.ctx,
@@ -392,9 +416,12 @@ class Session:
                 config.audio.output_rate,
                 Resampler,
             ),
-            PlaybackStage(self.ctx, output),
+            PlaybackStage(self.ctx, output, self.floor),
         ]
         connect(self.ctx, self.stages)
+        self.turn_taking = TurnTaking(
+            self.ctx, self.floor, self.playback, self.conversation.record_heard, barge_in=config.barge_in.enabled
+        )
 
     @property
     def playback(self) -> PlaybackStage:

@@ -119,6 +119,9 @@ class Event:
 class SpeechStarted(Event):
     """The VAD confirmed speech. ``onset_at`` is the first voiced frame's stamp.
 
+    ``barge_in``: it was confirmed while the assistant was speaking (under
+    the stricter barge-in thresholds), so it interrupts the reply.
+
     ``preroll`` holds the frames captured just before the onset so the first
     syllable reaches speech recognition.
     """
@@ -126,6 +129,7 @@ class SpeechStarted(Event):
     onset_at: float
     onset_position: int
     preroll: list[AudioFrame] = field(default_factory=list)
+    barge_in: bool = False  # opened while the assistant was speaking
 
 
 @dataclass(slots=True, kw_only=True)

@@ -46,12 +46,36 @@ class Conversation:
     budget: int
     count_tokens: Callable[[str], int]
     turns: list[dict[str, Any]] = field(default_factory=list)
+    # Replies cut by a barge-in: turn id -> the text the user heard. It wins
+    # over whatever the LLM stage records for that turn, before or after.
+    heard: dict[int, str] = field(default_factory=dict)
 
-    def add_user(self, text: str) -> None:
-        self.turns.append({"role": "user", "content": text})
+    def add_user(self, text: str, turn_id: int | None = None) -> None:
+        self.turns.append({"role": "user", "content": text, "turn_id": turn_id})
 
-    def add_assistant(self, text: str, interrupted: bool = False) -> None:
-        self.turns.append({"role": "assistant", "content": text, "interrupted": interrupted})
+    def add_assistant(self, text: str, interrupted: bool = False, turn_id: int | None = None) -> None:
+        if turn_id is not None and turn_id in self.heard:
+            return  # already cut at what was heard
+        self.turns.append({"role": "assistant", "content": text, "interrupted": interrupted, "turn_id": turn_id})
+
+    def record_heard(self, turn_id: int, heard: str) -> None:
+        """Keep only what the user heard of a turn's reply, marked interrupted.
+
+        Nothing heard: the reply leaves no trace (the user's words stay).
+        """
+        self.heard[turn_id] = heard
+        if len(self.heard) > 256:
+            for old in sorted(self.heard)[:-128]:
+                del self.heard[old]
+        for i, turn in enumerate(self.turns):
+            if turn["role"] == "assistant" and turn.get("turn_id") == turn_id:
+                if heard:
+                    self.turns[i] = {**turn, "content": heard, "interrupted": True}
+                else:
+                    del self.turns[i]
+                return
+        if heard:
+            self.turns.append({"role": "assistant", "content": heard, "interrupted": True, "turn_id": turn_id})
 
     def messages(self) -> list[dict[str, str]]:
         """System prompt plus the most recent turns that fit the budget.
@@ -95,7 +119,7 @@ class LLMStage(Stage):
             return
         turn_id = item.turn_id
         mark = len(self.conversation.turns)
-        self.conversation.add_user(item.text)
+        self.conversation.add_user(item.text, turn_id)
         request_id = f"{self.session_id}-t{turn_id}-{next(self._ids)}"
         parts: list[str] = []
         finish: str | None = None
@@ -121,9 +145,9 @@ class LLMStage(Stage):
                 else:
                     heard = "".join(parts).strip()
                     if heard:
-                        self.conversation.add_assistant(heard, interrupted=True)
+                        self.conversation.add_assistant(heard, interrupted=True, turn_id=turn_id)
         reply = "".join(parts).strip()
-        self.conversation.add_assistant(reply)
+        self.conversation.add_assistant(reply, turn_id=turn_id)
         await self.send(LLMDone(turn_id=turn_id, text=reply, tokens=index, finish_reason=finish))
 
 

@@ -19,8 +19,10 @@ import numpy as np
 from .frames import (
     Event,
     ReplyAudioEnded,
+    ReplyCancelled,
     ReplyAudioStarted,
     SpeechStopped,
+    TextChunk,
     TTSAudio,
     TTSDone,
     TurnCancelled,
@@ -28,6 +30,7 @@ from .frames import (
     now,
 )
 from .runtime import PipelineContext, Stage
+from .turntaking import Floor
 
 
 class AudioOutput(Protocol):
@@ -64,9 +67,13 @@ class TimelineOutput:
     other; a late chunk leaves the gap a listener would have heard.
     """
 
-    def __init__(self, sample_rate: int, input_rate: int) -> None:
+    def __init__(self, sample_rate: int, input_rate: int, realtime: bool = True) -> None:
         self.sample_rate = sample_rate
         self._input_rate = input_rate
+        # Real-time input: a reply "plays" until its last sample is due, so
+        # the assistant is speaking (and can be interrupted) that long. Input
+        # fed faster than real time has no such clock: drain returns at once.
+        self.realtime = realtime
         self._anchors: dict[int, tuple[float, float]] = {}  # turn -> (stamp, position)
         self._pieces: list[tuple[int, np.ndarray, int]] = []  # (position, pcm, turn)
         self._cursor = 0
@@ -107,7 +114,22 @@ class TimelineOutput:
         self._pieces = kept
         self._cursor = max((s + len(p) for s, p, _ in kept), default=0)
 
+    def played(self, turn_id: int) -> tuple[int, float]:
+        """Samples of the turn placed before the present moment, and now."""
+        t = now()
+        if turn_id not in self._anchors:
+            return 0, t
+        stamp, anchor = self._anchors[turn_id]
+        played_until = int(anchor + (t - stamp) * self.sample_rate)
+        heard = sum(
+            max(0, min(len(pcm), played_until - start)) for start, pcm, owner in self._pieces if owner == turn_id
+        )
+        return heard, t
+
     async def drain(self, turn_id: int) -> float:
+        if self.realtime:
+            while (remaining := self._ends.get(turn_id, 0.0) - now()) > 0:
+                await asyncio.sleep(min(remaining, 0.1))
         return self._ends.get(turn_id, now())
 
     def render(self, min_samples: int = 0) -> np.ndarray:
@@ -124,12 +146,18 @@ class PlaybackStage(Stage):
     name = "playback"
     scope = "reply"
 
-    def __init__(self, ctx: PipelineContext, output: AudioOutput) -> None:
+    def __init__(self, ctx: PipelineContext, output: AudioOutput, floor: Floor | None = None) -> None:
         super().__init__(ctx)
         self.output = output
+        self.floor = floor
         self._started: dict[int, int] = {}
         self._ended: set[int] = set()
         self._gates: dict[int, asyncio.Event] = {}
+        # What each turn's audio says, to cut the history where playback
+        # stopped: chunk texts by index, and (start sample, end sample,
+        # chunk index or None for a canned phrase) per piece written.
+        self._texts: dict[int, dict[int, str]] = {}
+        self._pieces: dict[int, list[tuple[int, int, int | None]]] = {}
         ctx.bus.subscribe(self._observe)
 
     def _observe(self, event: Event) -> None:
@@ -137,28 +165,38 @@ class PlaybackStage(Stage):
         turn_id = event.turn_id
         if turn_id is None:
             return
-        if isinstance(event, SpeechStopped):
+        if isinstance(event, TextChunk):
+            self._texts.setdefault(turn_id, {})[event.index] = event.text
+        elif isinstance(event, SpeechStopped):
             self._ended.add(turn_id)
             if len(self._ended) > 256:
                 self._ended = set(sorted(self._ended)[-128:])
             gate = self._gates.pop(turn_id, None)
             if gate is not None:
                 gate.set()
-        elif isinstance(event, TurnCancelled):
+        elif isinstance(event, (TurnCancelled, TurnCompleted)):
             self._gates.pop(turn_id, None)
+            self._texts.pop(turn_id, None)
+            self._pieces.pop(turn_id, None)
+        elif isinstance(event, ReplyCancelled):
+            self._texts.pop(turn_id, None)
 
     async def _user_done(self, turn_id: int) -> None:
-        """Never talk over the user: a reply started early waits for the end."""
-        if turn_id in self._ended:
-            return
-        gate = self._gates.setdefault(turn_id, asyncio.Event())
-        await gate.wait()
+        """Never talk over the user: a reply waits for the end of its own
+        turn (it may have started early, at a pause) and, before its first
+        sample, for any newer user turn to resolve (see turntaking)."""
+        if turn_id not in self._ended:
+            gate = self._gates.setdefault(turn_id, asyncio.Event())
+            await gate.wait()
+        if self.floor is not None and turn_id not in self._started:
+            await self.floor.wait_clear_for(turn_id)
 
     async def handle(self, item: Any) -> None:
         if isinstance(item, TTSAudio):
             turn_id = item.turn_id
             await self._user_done(turn_id)
             at, position = self.output.write(turn_id, item.pcm)
+            self._note_piece(turn_id, len(item.pcm), item.chunk_index)
             if turn_id not in self._started:
                 self._started[turn_id] = 0
                 turn = self.ctx.turns.get(turn_id)
@@ -191,6 +229,7 @@ class PlaybackStage(Stage):
         turn it marks the reply's start, so nobody waits in dead silence.
         """
         at, position = self.output.write(turn_id, pcm)
+        self._note_piece(turn_id, len(pcm), None)
         if turn_id not in self._started:
             self._started[turn_id] = 0
             turn = self.ctx.turns.get(turn_id)
@@ -200,6 +239,43 @@ class PlaybackStage(Stage):
                 ReplyAudioStarted(turn_id=turn_id, at=at, position=position, sample_rate=self.output.sample_rate)
             )
         self._started[turn_id] += len(pcm)
+
+    def _note_piece(self, turn_id: int, samples: int, chunk_index: int | None) -> None:
+        pieces = self._pieces.setdefault(turn_id, [])
+        start = pieces[-1][1] if pieces else 0
+        pieces.append((start, start + samples, chunk_index))
+
+    def stop(self, turn_id: int) -> tuple[int, float, str, int]:
+        """Barge-in: stop the turn's audio now.
+
+        Returns (samples heard, when the last of them plays, the reply text
+        they carried, sample rate). The text is cut at the played position:
+        whole chunks that played, and the share of the words of the chunk
+        that was playing (speech runs at an even pace within a chunk).
+        """
+        self.output.clear(turn_id)
+        samples, at = self.output.played(turn_id)
+        texts = self._texts.get(turn_id, {})
+        heard: list[str] = []
+        for start, end, index in self._pieces.get(turn_id, []):
+            if index is None or start >= samples:
+                continue
+            text = texts.get(index, "")
+            if not text:
+                continue
+            # A chunk's audio may come in several pieces: take its span.
+            first = min(s for s, _, i in self._pieces[turn_id] if i == index)
+            last = max(e for _, e, i in self._pieces[turn_id] if i == index)
+            if start != first:
+                continue
+            if samples >= last:
+                heard.append(text)
+            else:
+                words = text.split()
+                share = int(len(words) * (samples - first) / max(1, last - first))
+                if share:
+                    heard.append(" ".join(words[:share]))
+        return samples, at, " ".join(heard).strip(), self.output.sample_rate
 
     def _cut(self, turn_id: int) -> None:
         self.output.clear(turn_id)

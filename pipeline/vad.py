@@ -22,6 +22,7 @@ import numpy as np
 
 from .frames import AudioFrame, SpeechPaused, SpeechResumed, SpeechStarted, SpeechStopped
 from .runtime import PipelineContext, Stage
+from .turntaking import Floor
 
 
 # Words a finished sentence does not end with.
@@ -79,6 +80,31 @@ class EndpointRule:
         return self.complete_ms if kind == "complete" else self.incomplete_ms
 
 
+@dataclass(frozen=True)
+class _OnsetRule:
+    voiced: int  # voiced frames needed within the window
+    window: int  # frames
+    silero: float | None
+    min_rms_dbfs: float | None
+
+    @classmethod
+    def of(cls, min_speech_ms: int, frame_ms: int, silero: float | None, min_rms_dbfs: float | None) -> _OnsetRule:
+        return cls(
+            voiced=max(1, min_speech_ms // frame_ms),
+            window=max(1, int(round(min_speech_ms * 1.5 / frame_ms))),
+            silero=silero,
+            min_rms_dbfs=min_rms_dbfs,
+        )
+
+
+def _rms_dbfs(frames: list[AudioFrame]) -> float:
+    """Loudness of some frames, in dB relative to full scale."""
+    if not frames:
+        return -120.0
+    audio = np.concatenate([f.pcm for f in frames]).astype(np.float64) / 32768.0
+    return float(10 * np.log10(np.mean(audio * audio) + 1e-12))
+
+
 class FrameClassifier(Protocol):
     def is_speech(self, pcm: bytes, sample_rate: int) -> bool: ...
 
@@ -93,6 +119,13 @@ class VADSettings:
     preroll_ms: int = 300
     max_utterance_s: float = 20.0
     silero_threshold: float | None = 0.5  # None: no second opinion
+    # While the assistant speaks (barge-in), stricter: more voiced audio,
+    # a surer Silero, and a minimum loudness. barge_in=False: half duplex,
+    # no turn opens while the assistant speaks.
+    barge_in: bool = True
+    barge_in_min_speech_ms: int = 200
+    barge_in_silero_threshold: float | None = 0.6
+    barge_in_min_rms_dbfs: float = -45.0
 
 
 class SileroOpinion:
@@ -127,6 +160,7 @@ class VADStage(Stage):
         settings: VADSettings,
         classifier: FrameClassifier | None = None,
         silero: Callable[[np.ndarray], float] | None = None,
+        floor: Floor | None = None,
     ) -> None:
         super().__init__(ctx)
         if classifier is None:
@@ -136,12 +170,20 @@ class VADStage(Stage):
         self.settings = settings
         self._classifier = classifier
         self._silero = silero
+        self.floor = floor
         frame_ms = settings.frame_ms
         self._preroll_frames = max(0, settings.preroll_ms // frame_ms)
-        self._window_frames = max(1, int(round(settings.min_speech_ms * 1.5 / frame_ms)))
+        # Onset rules: (voiced frames needed, window in frames, Silero
+        # threshold, minimum RMS in dBFS), normal and while the assistant speaks.
+        self._normal = _OnsetRule.of(settings.min_speech_ms, frame_ms, settings.silero_threshold, None)
+        self._barge = _OnsetRule.of(
+            settings.barge_in_min_speech_ms, frame_ms, settings.barge_in_silero_threshold, settings.barge_in_min_rms_dbfs
+        )
+        window = max(self._normal.window, self._barge.window)
         # Recent frames while idle: the decision window plus the pre-roll before it.
-        self._recent: deque[tuple[AudioFrame, bool]] = deque(maxlen=self._preroll_frames + self._window_frames)
-        self._min_voiced = max(1, settings.min_speech_ms // frame_ms)
+        self._recent: deque[tuple[AudioFrame, bool]] = deque(maxlen=self._preroll_frames + window)
+        self._rule = self._normal
+        self.rejected_barge_ins = 0
         self._turn_id: int | None = None
         self._last_voiced: AudioFrame | None = None
         self._silence_ms = 0
@@ -176,29 +218,40 @@ class VADStage(Stage):
         return frame
 
     def _window(self) -> list[tuple[AudioFrame, bool]]:
-        return list(self._recent)[-self._window_frames :]
+        return list(self._recent)[-self._rule.window :]
 
     async def _idle(self, frame: AudioFrame, voiced: bool) -> None:
         self._recent.append((frame, voiced))
-        voiced_count = sum(v for _, v in self._window())
-        if voiced and voiced_count >= self._min_voiced and self._second_opinion():
-            await self._open()
+        barge = self.floor is not None and self.floor.assistant_speaking
+        if barge and not self.settings.barge_in:
+            return  # half duplex: the assistant has the floor
+        self._rule = self._barge if barge else self._normal
+        window = self._window()
+        voiced_count = sum(v for _, v in window)
+        if not voiced or voiced_count < self._rule.voiced:
+            return
+        if self._rule.min_rms_dbfs is not None and _rms_dbfs([f for f, v in window if v]) < self._rule.min_rms_dbfs:
+            return  # too quiet to be the user talking over the reply (residual echo, a blip)
+        if self._second_opinion():
+            await self._open(barge_in=barge)
+        elif barge:
+            self.rejected_barge_ins += 1
 
     def _second_opinion(self) -> bool:
-        if self._silero is None:
+        if self._silero is None or self._rule.silero is None:
             return True
         # Re-ask at most every third frame while the window stays voiced.
         if self._since_silero_check > 0:
             self._since_silero_check -= 1
             return False
         audio = np.concatenate([f.pcm for f, _ in self._window()])
-        if self._silero(audio) >= (self.settings.silero_threshold or 0.0):
+        if self._silero(audio) >= self._rule.silero:
             return True
         self.rejected_by_silero += 1
         self._since_silero_check = 2
         return False
 
-    async def _open(self) -> None:
+    async def _open(self, barge_in: bool = False) -> None:
         turn = self.ctx.turns.new()
         self._turn_id = turn.id
         recent = list(self._recent)
@@ -215,7 +268,13 @@ class VADStage(Stage):
             f.turn_id = turn.id
         onset_start = onset.captured_at - onset.duration
         await self.send(
-            SpeechStarted(turn_id=turn.id, onset_at=onset_start, onset_position=onset.position, preroll=preroll)
+            SpeechStarted(
+                turn_id=turn.id,
+                onset_at=onset_start,
+                onset_position=onset.position,
+                preroll=preroll,
+                barge_in=barge_in,
+            )
         )
 
     async def _speaking(self, frame: AudioFrame, voiced: bool) -> None:

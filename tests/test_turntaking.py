@@ -1,0 +1,203 @@
+"""Turn-taking rules, on the plumbing alone (no models): barge-in cuts the
+reply at the played position and the history with it; a reply waits while
+the user speaks again, is superseded if the new turn has words and plays if
+it was noise; the VAD's stricter barge-in onset rejects blips and quiet sound.
+
+The same rules run with the real models in test_scenarios.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pipeline.frames import (
+    AudioFrame,
+    Event,
+    ReplyInterrupted,
+    SpeechStarted,
+    SpeechStopped,
+    TextChunk,
+    TranscriptFinal,
+    TTSAudio,
+    TurnCancelled,
+    now,
+)
+from pipeline.llm import Conversation
+from pipeline.playback import PlaybackStage, TimelineOutput
+from pipeline.runtime import EventBus, PipelineContext, TurnRegistry
+from pipeline.turntaking import Floor, TurnTaking
+from pipeline.vad import VADSettings, VADStage
+
+RATE = 16000
+
+
+class Rig:
+    """A bus, a floor, a playback stage on a virtual timeline, the rules."""
+
+    def __init__(self) -> None:
+        bus = EventBus()
+        self.ctx = PipelineContext(bus=bus, turns=TurnRegistry(bus))
+        self.events: list[Event] = []
+        bus.subscribe(self.events.append)
+        self.floor = Floor()
+        self.output = TimelineOutput(RATE, RATE, realtime=False)
+        bus.subscribe(self.output.observe)
+        self.playback = PlaybackStage(self.ctx, self.output, self.floor)
+        self.conversation = Conversation("system", 1000, lambda text: len(text.split()))
+        self.rules = TurnTaking(self.ctx, self.floor, self.playback, self.conversation.record_heard)
+
+    def user_turn(self, text: str) -> int:
+        turn = self.ctx.turns.new()
+        t = now()
+        self.ctx.bus.publish(SpeechStarted(turn_id=turn.id, onset_at=t - 1, onset_position=0))
+        self.ctx.bus.publish(SpeechStopped(turn_id=turn.id, last_voiced_at=t, last_voiced_position=RATE))
+        self.ctx.bus.publish(TranscriptFinal(turn_id=turn.id, text=text))
+        self.conversation.add_user(text, turn.id)
+        return turn.id
+
+    def reply(self, turn_id: int, chunks: list[str]) -> list[TTSAudio]:
+        """The reply's chunks as text events, and one second of audio each."""
+        audio = []
+        for index, text in enumerate(chunks):
+            self.ctx.bus.publish(TextChunk(turn_id=turn_id, text=text, index=index))
+            pcm = np.full(RATE, 1000, np.int16)
+            audio.append(TTSAudio(turn_id=turn_id, pcm=pcm, sample_rate=RATE, chunk_index=index))
+        self.conversation.add_assistant(" ".join(chunks), turn_id=turn_id)
+        return audio
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+def test_barge_in_stops_the_reply_and_cuts_history_at_the_played_position(run: Callable[..., Any]) -> None:
+    async def scenario() -> Rig:
+        rig = Rig()
+        turn = rig.user_turn("Tell me about owls.")
+        for piece in rig.reply(turn, ["Owls hunt at night and", "they see very well."]):
+            await rig.playback.handle(piece)
+        assert rig.floor.assistant_speaking
+        await asyncio.sleep(0.5)  # half of the first chunk has played
+        second = rig.ctx.turns.new()
+        onset = now() - 0.25
+        rig.ctx.bus.publish(
+            SpeechStarted(turn_id=second.id, onset_at=onset, onset_position=0, barge_in=True)
+        )
+        return rig
+
+    rig = run(scenario())
+    (event,) = rig.of(ReplyInterrupted)
+    assert event.turn_id == 1 and event.by_turn == 2
+    assert 0.4 * RATE <= event.played_samples <= 0.7 * RATE
+    assert event.heard_text == "Owls hunt"  # 2 of the chunk's 5 words had played
+    assert 240 <= event.stop_ms <= 400
+    assert rig.ctx.turns.is_cancelled(1)
+    assert not rig.floor.assistant_speaking
+    # The virtual speaker kept only what had played.
+    assert len(rig.output.render()) <= 0.7 * RATE + RATE  # the anchor is one second in
+    history = rig.conversation.messages()
+    assert history[-1] == {"role": "assistant", "content": "Owls hunt [the user interrupted me here]"}
+
+
+def test_reply_waits_while_the_user_speaks_again_and_is_superseded_by_words(run: Callable[..., Any]) -> None:
+    async def scenario() -> Rig:
+        rig = Rig()
+        turn = rig.user_turn("What time is it?")
+        (piece,) = rig.reply(turn, ["It is noon."])
+        second = rig.ctx.turns.new()
+        rig.ctx.bus.publish(SpeechStarted(turn_id=second.id, onset_at=now(), onset_position=0))
+        task = asyncio.create_task(rig.playback.handle(piece))
+        rig.ctx.turns.get(turn).on_cancel(task.cancel)
+        await asyncio.sleep(0.2)
+        assert not task.done(), "the reply must wait while the user speaks"
+        rig.ctx.bus.publish(SpeechStopped(turn_id=second.id, last_voiced_at=now(), last_voiced_position=0))
+        rig.ctx.bus.publish(TranscriptFinal(turn_id=second.id, text="And the date?"))
+        await asyncio.sleep(0.05)
+        assert task.cancelled()
+        return rig
+
+    rig = run(scenario())
+    assert rig.ctx.turns.is_cancelled(1) and "superseded" in rig.ctx.turns.get(1).cancel_reason
+    assert rig.rules.superseded == 1
+    assert len(rig.output.render()) == 0, "the superseded reply never played"
+    assert [m["role"] for m in rig.conversation.messages()] == ["system", "user"]  # no unheard reply
+
+
+def test_held_reply_plays_when_the_new_turn_was_only_noise(run: Callable[..., Any]) -> None:
+    async def scenario() -> Rig:
+        rig = Rig()
+        turn = rig.user_turn("What time is it?")
+        (piece,) = rig.reply(turn, ["It is noon."])
+        noise = rig.ctx.turns.new()
+        rig.ctx.bus.publish(SpeechStarted(turn_id=noise.id, onset_at=now(), onset_position=0))
+        task = asyncio.create_task(rig.playback.handle(piece))
+        await asyncio.sleep(0.1)
+        assert not task.done()
+        rig.ctx.turns.cancel(noise.id, "no words recognized")
+        await asyncio.wait_for(task, 1)
+        return rig
+
+    rig = run(scenario())
+    assert not rig.ctx.turns.is_cancelled(1)
+    assert len(rig.output.render()) >= RATE
+    assert any(isinstance(e, TurnCancelled) and e.turn_id == 2 for e in rig.events)
+
+
+class ScriptedClassifier:
+    """webrtcvad stand-in: a frame is voiced when it is loud enough to matter."""
+
+    def is_speech(self, pcm: bytes, sample_rate: int) -> bool:
+        return bool(np.abs(np.frombuffer(pcm, np.int16)).max() > 30)
+
+
+def _vad_rig(speaking: bool) -> tuple[VADStage, list[SpeechStarted]]:
+    bus = EventBus()
+    ctx = PipelineContext(bus=bus, turns=TurnRegistry(bus))
+    floor = Floor()
+    if speaking:
+        floor.assistant_turns.add(99)
+    settings = VADSettings(min_speech_ms=160, barge_in_min_speech_ms=200, barge_in_min_rms_dbfs=-45.0)
+    vad = VADStage(ctx, settings, classifier=ScriptedClassifier(), silero=lambda pcm: 0.9, floor=floor)
+    starts: list[SpeechStarted] = []
+    bus.subscribe(lambda e: starts.append(e) if isinstance(e, SpeechStarted) else None)
+    return vad, starts
+
+
+def _feed(vad: VADStage, pieces: list[tuple[float, float]], run: Callable[..., Any]) -> None:
+    """Feed (seconds, amplitude in dBFS or -inf for silence) pieces as 20 ms frames."""
+
+    async def go() -> None:
+        position = 0
+        t = now()
+        for seconds, dbfs in pieces:
+            for _ in range(int(round(seconds / 0.02))):
+                amplitude = 0 if dbfs == float("-inf") else 32767 * 10 ** (dbfs / 20) * np.sqrt(2)
+                pcm = (amplitude * np.sin(np.arange(320) * 0.3)).astype(np.int16)
+                t += 0.02
+                await vad.handle(AudioFrame(pcm=pcm, sample_rate=RATE, captured_at=t, position=position))
+                position += 320
+
+    run(go())
+
+
+def test_barge_in_onset_needs_more_speech_than_a_burst(run: Callable[..., Any]) -> None:
+    vad, starts = _vad_rig(speaking=True)
+    _feed(vad, [(0.5, float("-inf")), (0.18, -20), (0.6, float("-inf"))], run)
+    assert starts == [], "a 180 ms burst must not interrupt the assistant"
+    _feed(vad, [(0.4, -20)], run)
+    assert len(starts) == 1 and starts[0].barge_in
+
+
+def test_barge_in_onset_ignores_quiet_sound(run: Callable[..., Any]) -> None:
+    vad, starts = _vad_rig(speaking=True)
+    _feed(vad, [(1.0, -55)], run)
+    assert starts == [], "sound under barge_in.min_rms_dbfs must not interrupt"
+
+
+def test_normal_onset_when_the_assistant_is_silent(run: Callable[..., Any]) -> None:
+    vad, starts = _vad_rig(speaking=False)
+    _feed(vad, [(0.18, -55)], run)
+    assert len(starts) == 1 and not starts[0].barge_in
