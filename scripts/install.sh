@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 VENV=.venv
 PY=${PYTHON:-python3}
 STAMP=$VENV/.installed
-WANT=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)
+WANT=$(cat pyproject.toml scripts/install.sh tests/browser/package-lock.json | sha256sum | cut -c1-16)
 if [[ -f $STAMP && $(cat "$STAMP") == "$WANT" ]]; then
     exit 0
 fi
@@ -18,6 +18,10 @@ say() { echo "[install] $*" >&2; }
 # plugin for the virtual microphone in the tests; espeak-ng and sox to make
 # test speech.
 DEBS=(libportaudio2 pulseaudio pulseaudio-utils libasound2-plugins alsa-utils espeak-ng sox)
+# The browser test: Debian's chromium, driven by playwright-core from npm
+# (Node.js 18 or newer; Debian's nodejs and npm where there is no node).
+DEBS+=(chromium)
+command -v node >/dev/null || DEBS+=(nodejs npm)
 missing=()
 for deb in "${DEBS[@]}"; do
     dpkg -s "$deb" >/dev/null 2>&1 || missing+=("$deb")
@@ -64,5 +68,12 @@ if [[ $ENGINE_EXTRA == cpu ]]; then
 fi
 "$VENV/bin/python" -c "import faster_whisper, piper, webrtcvad, vllm, websockets, sounddevice" 2>/dev/null \
     || "$VENV/bin/python" -c "import faster_whisper, piper, webrtcvad, vllm, websockets"
+if command -v npm >/dev/null; then
+    # Only the driver: the browser is Debian's chromium, nothing is downloaded.
+    say "installing the browser test's driver (playwright-core, tests/browser)"
+    (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+else
+    say "no npm: tests/test_browser.py will be skipped (install nodejs and npm)"
+fi
 echo "$WANT" > "$STAMP"
 say "done"
