@@ -1,0 +1,1091 @@
+"""The websocket bridge: ``voice-assistant serve``.
+
+One port serves three things (docs/protocol.md is the contract):
+
+* ``GET /`` and the browser client's files from ``assistant/web/``;
+* ``GET /healthz``, a JSON status;
+* the websocket endpoint ``/ws``: each connection is one
+  :class:`~assistant.session.Session` over the models loaded once per
+  process. Sessions run concurrently; the one vLLM engine batches their
+  requests (each has its own request ids), nothing serializes them here.
+
+Everything a client sends is untrusted. A malformed message gets an
+``error`` event; a client that breaks the protocol, floods the server or
+goes silent is closed with the close code the protocol names; a bug while
+serving one session closes that session with 1011 and nothing else. No
+exception ever reaches the websockets library's handler (which would log a
+traceback).
+
+Reply audio is paced: :class:`WebSocketOutput` sends each frame
+``server.jitter_buffer_ms`` before it is due to play, so a client keeps a
+small buffer and a barge-in has little to throw away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import http
+import json
+import logging
+import mimetypes
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import numpy as np
+from websockets.asyncio.server import Server as WSServer
+from websockets.asyncio.server import ServerConnection, serve as ws_serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from pipeline.frames import (
+    AudioFrame,
+    BudgetExceeded,
+    Event,
+    LLMDone,
+    LLMToken,
+    ReplyCancelled,
+    ReplyInterrupted,
+    SpeechStarted,
+    SpeechStopped,
+    StageError,
+    TranscriptFinal,
+    TranscriptPartial,
+    TurnCancelled,
+    TurnCompleted,
+    now,
+)
+from pipeline.runtime import Channel
+
+from .audio_io import Resampler
+from .config import Config
+from .errors import UserError
+
+log = logging.getLogger("assistant.server")
+
+PROTOCOL_VERSION: Final = 1
+WS_PATH: Final = "/ws"
+TOKEN_ENV: Final = "VOICE_ASSISTANT_TOKEN"
+WEB_DIR: Final = Path(__file__).resolve().parent / "web"
+START_TIMEOUT_S: Final = 10.0  # the first message must be session.start by then
+MIN_RATE, MAX_RATE = 8000, 48000
+RATE_WINDOW_S: Final = 2.0  # the input rate check's burst allowance, in seconds of wall clock
+CLOSE_TIMEOUT_S: Final = 2.0  # closing handshake
+SETTLE_TIMEOUT_S: Final = 2.0  # a cancelled session's pipeline gets this long to wind down
+OUT_FRAME_MS: Final = 20  # reply audio frame length
+INPUT_QUEUE_FRAMES: Final = 500  # 10 s of 20 ms frames; the oldest are dropped beyond
+
+CONTENT_TYPES: Final = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".map": "application/json",
+    ".webmanifest": "application/manifest+json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".wasm": "application/wasm",
+    ".wav": "audio/wav",
+    ".txt": "text/plain; charset=utf-8",
+}
+
+
+class ListenError(UserError):
+    """The server cannot listen on the requested address."""
+
+    exit_code = 4
+
+
+class ProtocolError(Exception):
+    """A client message the protocol does not allow: becomes an ``error`` event."""
+
+    def __init__(self, code: str, message: str, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStart:
+    """What a client asked for in ``session.start``."""
+
+    input_rate: int
+    output_rate: int
+    client: str
+
+
+def parse_start(text: str | bytes, default_input: int, default_output: int) -> SessionStart:
+    """Validate the first message; raise a fatal ``protocol`` error if it is not a session.start."""
+    if isinstance(text, bytes):
+        raise ProtocolError("protocol", "the first message must be session.start (got audio)", fatal=True)
+    try:
+        message = json.loads(text)
+    except ValueError:
+        raise ProtocolError("protocol", "the first message must be session.start (got text that is not JSON)", True) from None
+    if not isinstance(message, dict) or message.get("type") != "session.start":
+        kind = message.get("type") if isinstance(message, dict) else type(message).__name__
+        raise ProtocolError("protocol", f"the first message must be session.start (got {kind!r})", fatal=True)
+    if message.get("protocol") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "protocol", f"unsupported protocol {message.get('protocol')!r}; this server speaks {PROTOCOL_VERSION}", True
+        )
+    rates = []
+    for key, default in (("input_rate", default_input), ("output_rate", default_output)):
+        value = message.get(key, default)
+        if type(value) is not int or not MIN_RATE <= value <= MAX_RATE:
+            raise ProtocolError("protocol", f"{key}: expected an integer from {MIN_RATE} to {MAX_RATE}, got {value!r}", True)
+        rates.append(value)
+    client = message.get("client", "")
+    if not isinstance(client, str):
+        raise ProtocolError("protocol", f"client: expected a string, got {client!r}", fatal=True)
+    return SessionStart(input_rate=rates[0], output_rate=rates[1], client=client[:80])
+
+
+class InputRateLimit:
+    """A token bucket of audio seconds: refills at ``rate`` x real time.
+
+    It holds ``rate * window_s`` seconds, so a client that sends in bursts
+    (network hiccups, big messages) is fine while one that streams faster
+    than ``rate`` x real time runs dry within a few seconds.
+    """
+
+    def __init__(self, rate: float, window_s: float = RATE_WINDOW_S) -> None:
+        self.rate = rate
+        self.capacity = max(rate * window_s, 1.0)
+        self._tokens = self.capacity
+        self._at = now()
+
+    def take(self, seconds: float, at: float) -> bool:
+        self._tokens = min(self.capacity, self._tokens + (at - self._at) * self.rate)
+        self._at = at
+        self._tokens -= seconds
+        return self._tokens >= 0
+
+
+# --------------------------------------------------------------------------
+# Reply audio out
+# --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _OutFrame:
+    due: float  # when to send it: jitter_buffer ahead of when it plays
+    turn_id: int
+    data: bytes
+    samples: int  # at the client's rate
+
+
+@dataclass
+class _TurnAudio:
+    """One turn's reply audio on the connection's play clock."""
+
+    turn_id: int
+    resampler: Resampler
+    pieces: list[tuple[float, int]] = field(default_factory=list)  # (plays at, samples at pipeline rate)
+    written: int = 0  # pipeline-rate samples written
+    sent_total: int = 0  # client-rate samples sent, all segments
+    segment_sent: int = 0  # client-rate samples sent since the last response.audio.start
+    queued: int = 0  # frames waiting in the lane
+    open: bool = False  # response.audio.start sent, .end not yet
+    closing: bool = False  # no more audio will come: send .end once the lane is dry
+    cancelled: bool = False
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    report: tuple[int, float] | None = None  # client's playback.position: (samples at client rate, when)
+    frozen: tuple[int, float] | None = None  # what played() says after clear()
+
+
+class WebSocketOutput:
+    """:class:`pipeline.playback.AudioOutput` that streams to one websocket.
+
+    Everything the connection sends goes through here, in one ordered
+    stream: JSON events at once, reply audio at its due time. The pacing
+    clock knows when each reply sample plays (``pieces``); a client's
+    ``playback.position`` reports, when present, override it for
+    :meth:`played`, so a barge-in cuts the history at what was heard.
+    ``response.audio.start`` goes right before a segment's first frame and
+    ``response.audio.end`` right after its last, both from the send loop,
+    so no frame can fall outside them.
+    """
+
+    def __init__(self, ws: ServerConnection, sample_rate: int, client_rate: int, jitter_s: float, origin: float) -> None:
+        self.sample_rate = sample_rate  # what the pipeline writes (TTS rate)
+        self.client_rate = client_rate
+        self.origin = origin
+        self._ws = ws
+        self._jitter = jitter_s
+        self._frame = max(1, client_rate * OUT_FRAME_MS // 1000)
+        self._events: deque[str] = deque()
+        self._audio: deque[_OutFrame] = deque()
+        self._turns: dict[int, _TurnAudio] = {}
+        self._play_end = 0.0  # when everything written so far has played
+        self._wake = asyncio.Event()
+        self._closed = False  # the connection is gone: drop everything
+        self._stopping = False
+
+    # ---- events -------------------------------------------------------
+
+    def send_event(self, message: dict[str, Any]) -> None:
+        if not self._closed:
+            self._events.append(json.dumps(message, separators=(",", ":")))
+            self._wake.set()
+
+    def ms(self, at: float) -> float:
+        return round((at - self.origin) * 1000, 1)
+
+    # ---- AudioOutput --------------------------------------------------
+
+    def _turn(self, turn_id: int) -> _TurnAudio:
+        turn = self._turns.get(turn_id)
+        if turn is None:
+            turn = self._turns[turn_id] = _TurnAudio(turn_id, Resampler(self.sample_rate, self.client_rate))
+            if len(self._turns) > 32:  # long sessions: forget old turns
+                for old in sorted(self._turns)[:-16]:
+                    self._turns[old].ended.set()
+                    del self._turns[old]
+        return turn
+
+    def write(self, turn_id: int, pcm: np.ndarray) -> tuple[float, int]:
+        t = now()
+        start = max(t, self._play_end)
+        position = int(round((start - self.origin) * self.sample_rate))
+        if self._closed:
+            return start, position
+        turn = self._turn(turn_id)
+        if turn.ended.is_set() and not turn.open:  # audio after the segment ended: a new segment
+            turn.ended.clear()
+        turn.closing = turn.cancelled  # a cancelled turn's canned phrase closes itself
+        turn.frozen = None
+        turn.pieces.append((start, len(pcm)))
+        turn.written += len(pcm)
+        self._play_end = start + len(pcm) / self.sample_rate
+        self._queue(turn, turn.resampler.process(pcm), start)
+        return start, position
+
+    def _queue(self, turn: _TurnAudio, out: np.ndarray, plays_at: float) -> None:
+        data = out.astype("<i2", copy=False)
+        for offset in range(0, len(data), self._frame):
+            chunk = data[offset : offset + self._frame]
+            due = plays_at + offset / self.client_rate - self._jitter
+            self._audio.append(_OutFrame(due, turn.turn_id, chunk.tobytes(), len(chunk)))
+            turn.queued += 1
+        self._wake.set()
+
+    def clear(self, turn_id: int) -> None:
+        """Stop sending the turn's audio now; what was sent is all the client gets."""
+        turn = self._turns.get(turn_id)
+        if turn is None:
+            return
+        t = now()
+        turn.frozen = (self._heard(turn, t), t)
+        self._audio = deque(f for f in self._audio if f.turn_id != turn_id)
+        turn.queued = 0
+        turn.resampler.reset()
+        turn.closing = True
+        self._play_end = min(self._play_end, t)
+        self._wake.set()
+
+    def played(self, turn_id: int) -> tuple[int, float]:
+        turn = self._turns.get(turn_id)
+        t = now()
+        if turn is None:
+            return 0, t
+        if turn.frozen is not None:
+            return turn.frozen
+        return self._heard(turn, t), t
+
+    def _heard(self, turn: _TurnAudio, t: float) -> int:
+        """Samples (pipeline rate) of the turn played by ``t``: the client's report, else the pacing clock."""
+        if turn.report is not None:
+            samples, at = turn.report
+            client = min(samples + max(0.0, t - at) * self.client_rate, turn.sent_total)
+            return min(turn.written, int(client * self.sample_rate / self.client_rate))
+        return sum(min(n, max(0, int((t - start) * self.sample_rate))) for start, n in turn.pieces)
+
+    def report_position(self, turn_id: int, samples: int) -> None:
+        turn = self._turns.get(turn_id)
+        if turn is not None and turn.frozen is None:
+            turn.report = (samples, now())
+
+    async def drain(self, turn_id: int) -> float:
+        """Wait until the turn's last frame is sent and has played."""
+        turn = self._turns.get(turn_id)
+        if turn is None or self._closed:
+            return now()
+        tail = turn.resampler.flush()
+        if len(tail):
+            end = turn.pieces[-1][0] + turn.pieces[-1][1] / self.sample_rate if turn.pieces else now()
+            self._queue(turn, tail, end - len(tail) / self.client_rate)
+        turn.closing = True
+        self._wake.set()
+        await turn.ended.wait()
+        end = max((start + n / self.sample_rate for start, n in turn.pieces), default=now())
+        delay = end - now()
+        if delay > 0 and not self._closed:
+            await asyncio.sleep(delay)
+        return end
+
+    def observe(self, event: Event) -> None:
+        """Bus observer (the session subscribes it): a cancelled turn's audio closes when it runs out."""
+        if isinstance(event, TurnCancelled) and event.turn_id is not None:
+            turn = self._turns.get(event.turn_id)
+            if turn is not None:
+                turn.cancelled = True
+                turn.closing = True
+                self._wake.set()
+
+    # ---- the send loop -------------------------------------------------
+
+    def _close_segments(self) -> None:
+        for turn in self._turns.values():
+            if turn.closing and turn.queued == 0 and not turn.ended.is_set():
+                if turn.open:
+                    turn.open = False
+                    self.send_event(
+                        {"type": "response.audio.end", "turn_id": turn.turn_id, "samples": turn.segment_sent,
+                         "at_ms": self.ms(now())}
+                    )
+                turn.ended.set()
+
+    async def run(self) -> None:
+        """Send events at once and audio frames when due, in one ordered stream."""
+        try:
+            while True:
+                if self._events:
+                    await self._ws.send(self._events.popleft())
+                    continue
+                self._close_segments()
+                if self._events:
+                    continue
+                t = now()
+                if self._audio and self._audio[0].due <= t:
+                    frame = self._audio.popleft()
+                    turn = self._turns.get(frame.turn_id)
+                    if turn is None:
+                        continue
+                    turn.queued -= 1
+                    if not turn.open:
+                        turn.open = True
+                        turn.segment_sent = 0
+                        await self._ws.send(
+                            json.dumps({"type": "response.audio.start", "turn_id": turn.turn_id,
+                                        "sample_rate": self.client_rate, "at_ms": self.ms(t)})
+                        )
+                    await self._ws.send(frame.data)
+                    turn.segment_sent += frame.samples
+                    turn.sent_total += frame.samples
+                    continue
+                if self._stopping and not self._audio:
+                    return
+                self._wake.clear()
+                timeout = self._audio[0].due - t if self._audio else None
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+        except ConnectionClosed:
+            self.close()
+
+    async def finish(self, sender: asyncio.Task[None], final: dict[str, Any] | None, timeout: float) -> None:
+        """Drop unsent audio, close open segments, send ``final`` last, end the send loop."""
+        self._audio.clear()
+        for turn in self._turns.values():
+            turn.queued = 0
+            turn.closing = True
+        self._close_segments()
+        if final is not None:
+            self.send_event(final)
+        self._stopping = True
+        self._wake.set()
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError, ConnectionClosed):
+            await asyncio.wait_for(asyncio.shield(sender), timeout)
+
+    def close(self) -> None:
+        """The connection is gone: nothing more is sent, nobody waits on a drain."""
+        self._closed = True
+        self._audio.clear()
+        self._events.clear()
+        for turn in self._turns.values():
+            turn.ended.set()
+        self._wake.set()
+
+
+# --------------------------------------------------------------------------
+# One connection
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a session ends: the event it is told, and the close code."""
+
+    close_code: int
+    ended_reason: str | None  # session.ended's reason; None: no session.ended
+    error: tuple[str, str] | None = None  # a fatal error event (code, message) instead
+    cancel_turns: bool = True
+
+
+ENDINGS: Final[dict[str, Ending]] = {
+    "input_ended": Ending(1000, "input_ended", cancel_turns=False),
+    "session_end": Ending(1000, "session_end"),
+    "idle_timeout": Ending(1000, "idle_timeout"),
+    "shutdown": Ending(1001, "shutdown"),
+    "disconnected": Ending(1006, None),
+    "input_rate": Ending(1008, None, ("input_rate", "audio is arriving faster than the server allows")),
+    "internal": Ending(1011, None, ("internal", "internal server error; the session is closed")),
+}
+
+_END_OF_INPUT: Final = object()
+
+
+class _Connection:
+    """One websocket connection: the protocol around one Session."""
+
+    def __init__(self, server: Server, ws: ServerConnection) -> None:
+        self.server = server
+        self.ws = ws
+        self.config: Config = server.config
+        self.peer = _peer(ws)
+        self.session: Any = None
+        self.output: WebSocketOutput | None = None
+        self.origin = now()
+        self._ending: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._open_turns: set[int] = set()
+        self._interrupted: set[int] = set()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._input: Channel[Any] = Channel("ws.input", maxsize=INPUT_QUEUE_FRAMES)
+        self._input_closed = False
+        self._pending = np.zeros(0, np.int16)
+        self._position = 0
+        self._resampler: Resampler | None = None
+        self._limit = InputRateLimit(self.config.server.max_input_rate)
+        self._start: SessionStart | None = None
+
+    @property
+    def id(self) -> str:
+        return self.session.id if self.session is not None else f"pending@{self.peer}"
+
+    def end(self, reason: str) -> None:
+        """Ask the connection to end (first reason wins)."""
+        if not self._ending.done():
+            self._ending.set_result(reason)
+
+    # ---- lifecycle ----------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except Exception as exc:  # a bug: this session only
+            log.error("session %s: internal error: %s: %s", self.id, type(exc).__name__, exc)
+            log.debug("session %s: traceback", self.id, exc_info=True)
+            with contextlib.suppress(Exception):
+                await self._close_with(ENDINGS["internal"])
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+            if self.output is not None:
+                self.output.close()
+
+    async def _run(self) -> None:
+        start = await self._read_start()
+        if start is None:
+            return
+        self._start = start
+        config = self.config
+        from .session import Session, budgets_of
+
+        self.output = WebSocketOutput(
+            self.ws, config.audio.output_rate, start.output_rate, config.server.jitter_buffer_ms / 1000, self.origin
+        )
+        session = self.session = Session(self.server.models, config, self.output)
+        self.origin = self.output.origin = session.origin
+        self._resampler = Resampler(start.input_rate, config.audio.input_rate)
+        session.bus.subscribe(self._on_event)
+        session.report.listeners.append(self._on_turn_closed)
+        sender = self._spawn(self.output.run(), "send")
+        self.output.send_event(
+            {
+                "type": "session.ready",
+                "protocol": PROTOCOL_VERSION,
+                "session_id": session.id,
+                "input_rate": start.input_rate,
+                "output_rate": start.output_rate,
+                "frame_ms": config.audio.frame_ms,
+                "budgets_ms": {b.stage: b.ms for b in budgets_of(config)},
+                "at_ms": self.output.ms(now()),
+            }
+        )
+        log.info("session %s opened from %s (%s), audio in %d Hz, out %d Hz",
+                 session.id, self.peer, start.client or "client", start.input_rate, start.output_rate)
+        pipeline = self._spawn(session.run(self._frames()), "session")
+        pipeline.add_done_callback(
+            lambda t: self.end("input_ended" if not t.cancelled() and t.exception() is None else "internal")
+        )
+        self._spawn(self._receive(), "recv")
+        reason = await self._ending
+        if reason == "internal" and pipeline.done() and not pipeline.cancelled() and pipeline.exception():
+            exc = pipeline.exception()
+            log.error("session %s: pipeline failed: %s: %s", session.id, type(exc).__name__, exc)
+            log.debug("session %s: traceback", session.id, exc_info=exc)
+        await self._finish(reason, pipeline, sender)
+
+    def _spawn(self, coro: Any, what: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"{self.session.id if self.session else 'ws'}:{what}")
+        self._tasks.append(task)
+        return task
+
+    async def _read_start(self) -> SessionStart | None:
+        """Wait for session.start (or a shutdown); refuse anything else."""
+        receive = asyncio.ensure_future(self.ws.recv())
+        try:
+            done, _ = await asyncio.wait({receive, self._ending}, timeout=START_TIMEOUT_S,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not receive.done():
+                receive.cancel()
+        if self._ending.done():  # shutdown before the session started
+            await self._close(1001, "server shutting down")
+            return None
+        if receive not in done:
+            await self._refuse("protocol", f"no session.start within {START_TIMEOUT_S:.0f} s", 1008)
+            return None
+        try:
+            message = receive.result()
+        except ConnectionClosed:
+            return None
+        audio = self.config.audio
+        try:
+            return parse_start(message, audio.input_rate, audio.output_rate)
+        except ProtocolError as exc:
+            await self._refuse(exc.code, exc.message, 1008)
+            return None
+
+    async def _refuse(self, code: str, message: str, close_code: int) -> None:
+        log.info("connection from %s refused: %s", self.peer, message)
+        payload = {"type": "error", "code": code, "message": message, "fatal": True,
+                   "at_ms": round((now() - self.origin) * 1000, 1)}
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send(json.dumps(payload))
+        await self._close(close_code, message)
+
+    async def _close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.close(code, reason[:120])
+
+    async def _finish(self, reason: str, pipeline: asyncio.Task[None], sender: asyncio.Task[None]) -> None:
+        ending = ENDINGS[reason]
+        assert self.output is not None
+        if reason == "disconnected":
+            self.output.close()
+        if reason == "shutdown":
+            # In-flight turns get the grace period to finish (their audio included).
+            self._end_input()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(pipeline), self.server.shutdown_grace_s)
+        if ending.cancel_turns:
+            self._cancel_turns(reason.replace("_", " "))
+        self._end_input()
+        if not pipeline.done():
+            done, _ = await asyncio.wait({pipeline}, timeout=SETTLE_TIMEOUT_S)
+            if not done:
+                log.warning("session %s: pipeline did not wind down in %.0f s; cancelling it", self.id, SETTLE_TIMEOUT_S)
+                pipeline.cancel()
+                with contextlib.suppress(BaseException):
+                    await pipeline
+        await self._close_with(ending, sender)
+        turns = len(self.session.report.turns) if self.session is not None else 0
+        log.info("session %s closed (%s) after %d turn(s)", self.id, reason, turns)
+
+    async def _close_with(self, ending: Ending, sender: asyncio.Task[None] | None = None) -> None:
+        if self.output is not None and sender is not None and not sender.done():
+            t = self.output.ms(now())
+            final: dict[str, Any] | None = None
+            if ending.error is not None:
+                code, message = ending.error
+                final = {"type": "error", "code": code, "message": message, "fatal": True, "at_ms": t}
+            elif ending.ended_reason is not None:
+                final = {"type": "session.ended", "reason": ending.ended_reason, "at_ms": t}
+            await self.output.finish(sender, final, CLOSE_TIMEOUT_S)
+        elif ending.error is not None:
+            code, message = ending.error
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.send(json.dumps({"type": "error", "code": code, "message": message, "fatal": True,
+                                               "at_ms": round((now() - self.origin) * 1000, 1)}))
+        if ending.close_code != 1006:
+            await self._close(ending.close_code, ending.ended_reason or (ending.error or ("", ""))[0])
+
+    def _cancel_turns(self, reason: str) -> None:
+        for turn_id in sorted(self._open_turns):
+            self.session.cancel_turn(turn_id, reason)
+
+    # ---- input ----------------------------------------------------------
+
+    async def _frames(self) -> AsyncIterator[AudioFrame]:
+        while True:
+            item = await self._input.get()
+            if item is _END_OF_INPUT:
+                return
+            yield item
+
+    def _end_input(self) -> None:
+        """No more audio: the last partial frame is padded and the source ends."""
+        if self._input_closed:
+            return
+        self._input_closed = True
+        if self._resampler is not None:
+            self._push(self._resampler.flush(), now())
+        size = self.config.audio.input_rate * self.config.audio.frame_ms // 1000
+        if len(self._pending):
+            pad = np.zeros(size - len(self._pending), np.int16)
+            self._emit(np.concatenate([self._pending, pad]), now())
+            self._pending = np.zeros(0, np.int16)
+        self._input.put_nowait(_END_OF_INPUT)
+
+    def _on_audio(self, data: bytes) -> None:
+        assert self._start is not None and self._resampler is not None
+        if self._input_closed:
+            raise ProtocolError("bad_audio", "audio after input.end is ignored")
+        if len(data) % 2:
+            raise ProtocolError("bad_audio", f"binary frame of odd length ({len(data)} bytes): expected PCM16")
+        if not data:
+            return
+        arrived = now()
+        if not self._limit.take(len(data) / 2 / self._start.input_rate, arrived):
+            raise ProtocolError("input_rate", "audio is arriving faster than the server allows", fatal=True)
+        pcm = np.frombuffer(data, dtype="<i2").astype(np.int16)
+        self._push(self._resampler.process(pcm), arrived)
+
+    def _push(self, pcm: np.ndarray, arrived: float) -> None:
+        size = self.config.audio.input_rate * self.config.audio.frame_ms // 1000
+        pending = np.concatenate([self._pending, pcm]) if len(self._pending) else pcm
+        offset = 0
+        while len(pending) - offset >= size:
+            self._emit(pending[offset : offset + size], arrived)
+            offset += size
+        self._pending = pending[offset:].copy()
+
+    def _emit(self, pcm: np.ndarray, arrived: float) -> None:
+        frame = AudioFrame(pcm=pcm.copy(), sample_rate=self.config.audio.input_rate, captured_at=arrived,
+                           position=self._position)
+        self._position += len(pcm)
+        self._input.put_nowait(frame)
+
+    async def _receive(self) -> None:
+        idle = self.config.server.idle_timeout_s
+        while True:
+            try:
+                async with asyncio.timeout(None if self._input_closed else idle):
+                    message = await self.ws.recv()
+            except TimeoutError:
+                self.end("idle_timeout")
+                return
+            except ConnectionClosed:
+                self.end("disconnected")
+                return
+            try:
+                if isinstance(message, bytes):
+                    self._on_audio(message)
+                else:
+                    self._on_text(message)
+            except ProtocolError as exc:
+                if exc.fatal:
+                    self.end(exc.code)
+                    return
+                assert self.output is not None
+                self.output.send_event({"type": "error", "code": exc.code, "message": exc.message, "fatal": False,
+                                        "at_ms": self.output.ms(now())})
+
+    def _on_text(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except ValueError:
+            raise ProtocolError("bad_message", "text frame is not JSON") from None
+        if not isinstance(message, dict):
+            raise ProtocolError("bad_message", "expected a JSON object with a \"type\"")
+        kind = message.get("type")
+        if kind == "playback.position":
+            turn_id, samples = message.get("turn_id"), message.get("samples")
+            if type(turn_id) is not int or type(samples) is not int or samples < 0:
+                raise ProtocolError("bad_message", "playback.position: turn_id and samples must be integers >= 0")
+            assert self.output is not None
+            self.output.report_position(turn_id, samples)
+        elif kind == "input.end":
+            self._end_input()
+        elif kind == "session.end":
+            self.end("session_end")
+        elif kind == "session.start":
+            raise ProtocolError("bad_message", "the session has already started")
+        elif not isinstance(kind, str):
+            raise ProtocolError("bad_message", "message has no \"type\"")
+        else:
+            raise ProtocolError("bad_message", f"unknown message type {kind[:40]!r}")
+
+    # ---- events out -----------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        """Bus observer: pipeline events as protocol events (must be quick)."""
+        assert self.output is not None
+        out = self.output
+        turn_id = event.turn_id
+        base: dict[str, Any] = {"turn_id": turn_id}
+        message: dict[str, Any] | None = None
+        match event:
+            case SpeechStarted():
+                if turn_id is not None:
+                    self._open_turns.add(turn_id)
+                message = {"type": "speech.started", **base, "barge_in": bool(getattr(event, "barge_in", False))}
+            case SpeechStopped():
+                message = {"type": "speech.stopped", **base, "speech_end_ms": out.ms(event.last_voiced_at)}
+            case TranscriptPartial():
+                message = {"type": "transcript.partial", **base, "text": event.text}
+            case TranscriptFinal() if not event.speculative:
+                message = {"type": "transcript.final", **base, "text": event.text}
+            case LLMToken():
+                message = {"type": "response.text.delta", **base, "text": event.text}
+            case LLMDone():
+                message = {"type": "response.text.done", **base, "text": event.text}
+            case ReplyCancelled():
+                message = {"type": "response.cancelled", **base, "reason": event.reason}
+            case ReplyInterrupted():
+                if turn_id is not None:
+                    self._interrupted.add(turn_id)
+                rate = event.sample_rate or out.sample_rate
+                message = {
+                    "type": "response.interrupted",
+                    **base,
+                    "heard_text": event.heard_text,
+                    "played_samples": int(round(event.played_samples * out.client_rate / rate)),
+                    "stop_ms": round(event.stop_ms, 1),
+                    "by_turn": event.by_turn,
+                }
+            case BudgetExceeded():
+                message = {"type": "budget.exceeded", **base, "stage": event.stage, "budget_ms": event.budget_ms,
+                           "elapsed_ms": event.elapsed_ms, "policy": event.policy}
+            case StageError():
+                message = {"type": "error", "code": "stage_failed", **base,
+                           "message": f"{event.stage}: {event.message}", "fatal": False}
+            case TurnCompleted() | TurnCancelled():
+                pass  # turn.metrics comes from the report, once it has closed the turn
+        if message is not None:
+            message["at_ms"] = out.ms(event.at)
+            out.send_event(message)
+
+    def _on_turn_closed(self, record: Any) -> None:
+        assert self.output is not None
+        self._open_turns.discard(record.turn_id)
+        data = self.session.report.turn_json(record)
+        self.output.send_event(
+            {
+                "type": "turn.metrics",
+                "turn_id": record.turn_id,
+                "status": data["status"],
+                "cancel_reason": data["cancel_reason"],
+                "interrupted": bool(data.get("interrupted")) or record.turn_id in self._interrupted,
+                "heard_text": data.get("heard_text"),
+                "transcript": data["transcript"],
+                "reply": data["reply"],
+                "voice_to_voice_ms": data["voice_to_voice_ms"],
+                "latency_ms": data["latency_ms"],
+                "budgets": data["budgets"],
+                "at_ms": self.output.ms(now()),
+            }
+        )
+
+
+def _peer(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+# --------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------
+
+
+class Server:
+    """The websocket endpoint and the static browser client on one port.
+
+    Usable in-process (tests, benchmarks)::
+
+        async with Server(models, config, port=0) as server:
+            ...  # server.url, server.ws_url
+
+    ``token``: None takes ``VOICE_ASSISTANT_TOKEN`` or ``server.auth_token``;
+    "" turns auth off whatever they say.
+    """
+
+    def __init__(
+        self,
+        models: Any,
+        config: Config,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        token: str | None = None,
+        web_dir: Path | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
+        s = config.server
+        self.models = models
+        self.config = config
+        self.host = s.host if host is None else host
+        self.port = s.port if port is None else port
+        if token is None:
+            token = os.environ.get(TOKEN_ENV) or s.auth_token
+        self.token = token or None
+        self.web_dir = (web_dir or WEB_DIR).resolve()
+        self.allowed_origins = {o.rstrip("/").lower() for o in s.allowed_origins}
+        self.shutdown_grace_s = s.shutdown_grace_s
+        self._sock = sock
+        self._ws: WSServer | None = None
+        self._connections: set[_Connection] = set()
+        self._started_at = time.monotonic()
+
+    # ---- life -----------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.config.server
+        where: dict[str, Any] = {"sock": self._sock} if self._sock is not None else {"host": self.host, "port": self.port}
+        self._ws = await ws_serve(
+            self._handle,
+            process_request=self._process_request,
+            max_size=s.max_message_bytes,
+            ping_interval=s.ping_interval_s,
+            ping_timeout=s.ping_timeout_s,
+            close_timeout=CLOSE_TIMEOUT_S,
+            server_header="voice-assistant",
+            **where,
+        )
+        self.port = self._ws.sockets[0].getsockname()[1]
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop listening, end every session (in-flight turns get ``grace``), close."""
+        if self._ws is None:
+            return
+        if grace is not None:
+            self.shutdown_grace_s = grace
+        self._ws.close(close_connections=False)
+        for connection in list(self._connections):
+            connection.end("shutdown")
+        limit = self.shutdown_grace_s + SETTLE_TIMEOUT_S + CLOSE_TIMEOUT_S + 1
+        try:
+            await asyncio.wait_for(self._ws.wait_closed(), limit)
+        except TimeoutError:
+            log.warning("sessions still open %.0f s after shutdown began; dropping them", limit)
+            for connection in list(self._connections):
+                connection.ws.transport.abort()
+        self._ws = None
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    @property
+    def sessions(self) -> int:
+        return len(self._connections)
+
+    @property
+    def url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.port}/"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{_url_host(self.host)}:{self.port}{WS_PATH}"
+
+    # ---- connections ------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        connection = _Connection(self, ws)
+        if len(self._connections) >= self.config.server.max_sessions:
+            log.info("connection from %s refused: %d sessions open", connection.peer, len(self._connections))
+            with contextlib.suppress(Exception):
+                await connection._refuse(
+                    "too_many_sessions",
+                    f"the server is at its limit of {self.config.server.max_sessions} sessions; try again later",
+                    1013,
+                )
+            return
+        self._connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self._connections.discard(connection)
+
+    # ---- HTTP -------------------------------------------------------------
+
+    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        parts = urlsplit(request.path)
+        if parts.path == WS_PATH:
+            return self._check_handshake(ws, request, parts.query)
+        if parts.path == "/healthz":
+            body = {
+                "status": "ok" if self._ws is not None and self._ws.is_serving() else "stopping",
+                "protocol": PROTOCOL_VERSION,
+                "sessions": len(self._connections),
+                "max_sessions": self.config.server.max_sessions,
+                "auth": self.token is not None,
+                "uptime_s": round(time.monotonic() - self._started_at, 1),
+            }
+            return _response(http.HTTPStatus.OK, json.dumps(body).encode(), "application/json")
+        return self._static(parts.path)
+
+    def _check_handshake(self, ws: ServerConnection, request: Request, query: str) -> Response | None:
+        if self.token is not None:
+            given = None
+            authorization = request.headers.get("Authorization", "")
+            if authorization.lower().startswith("bearer "):
+                given = authorization[7:].strip()
+            else:
+                given = (parse_qs(query).get("token") or [None])[0]
+            if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
+                log.info("handshake from %s refused: %s token", _peer(ws), "wrong" if given else "no")
+                response = ws.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+        origin = request.headers.get("Origin")
+        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host", "")):
+            log.info("handshake from %s refused: origin %r not allowed", _peer(ws), origin)
+            return ws.respond(http.HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed\n")
+        return None
+
+    def _origin_allowed(self, origin: str, host: str) -> bool:
+        """An explicit allow-list, or else only the page this server serves itself."""
+        normalized = origin.rstrip("/").lower()
+        if self.allowed_origins:
+            return "*" in self.allowed_origins or normalized in self.allowed_origins
+        parts = urlsplit(normalized)
+        return parts.scheme in ("http", "https") and bool(host) and parts.netloc == host.lower()
+
+    def _static(self, path: str) -> Response:
+        """A file of the browser client; nothing outside its folder, ever."""
+        relative = unquote(path)
+        if relative in ("", "/"):
+            relative = "/index.html"
+        segments = relative.lstrip("/").split("/")
+        bad = "\x00" in relative or "\\" in relative or any(s in ("", ".", "..") or s.startswith(".") for s in segments)
+        target = None if bad else (self.web_dir.joinpath(*segments)).resolve()
+        if target is None or not target.is_relative_to(self.web_dir) or not target.is_file():
+            if relative == "/index.html":
+                return _response(http.HTTPStatus.NOT_FOUND, b"the browser client is not installed (assistant/web)\n")
+            return _response(http.HTTPStatus.NOT_FOUND, b"not found\n")
+        try:
+            body = target.read_bytes()
+        except OSError:
+            return _response(http.HTTPStatus.NOT_FOUND, b"not found\n")
+        kind = CONTENT_TYPES.get(target.suffix.lower()) or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        return _response(http.HTTPStatus.OK, body, kind)
+
+
+def _response(status: http.HTTPStatus, body: bytes, content_type: str = "text/plain; charset=utf-8") -> Response:
+    headers = Headers(
+        [
+            ("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())),
+            ("Connection", "close"),
+            ("Content-Length", str(len(body))),
+            ("Content-Type", content_type),
+            ("Cache-Control", "no-cache"),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _url_host(host: str) -> str:
+    if host in ("", "0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+# --------------------------------------------------------------------------
+# voice-assistant serve
+# --------------------------------------------------------------------------
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind first, before minutes of model loading, so a busy port fails at once."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def serve(args: argparse.Namespace, config: Config) -> int:
+    """``voice-assistant serve``: load the models, serve until SIGTERM/SIGINT."""
+    from .models import load_models
+
+    host = args.host if args.host is not None else config.server.host
+    port = args.port if args.port is not None else config.server.port
+    sock = _listen(host, port)
+    try:
+        models = load_models(config)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        return asyncio.run(_serve(args, config, models, host, sock))
+    finally:
+        models.close()
+
+
+async def _serve(args: argparse.Namespace, config: Config, models: Any, host: str, sock: socket.socket) -> int:
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    say("warming up...")
+    await models.warm_up()
+    say(f"warm in {time.monotonic() - started:.1f} s")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = Server(models, config, host=host, token=args.token, sock=sock)
+    await server.start()
+    if not (server.web_dir / "index.html").is_file():
+        say(f"note: no browser client in {server.web_dir}; the websocket endpoint works without it")
+    print(f"serving on {server.url}  (websocket {server.ws_url})", flush=True)
+    if server.token is not None:
+        say("auth: clients need the token (Authorization: Bearer TOKEN, or ?token=TOKEN)")
+    if host in ("", "0.0.0.0", "::"):
+        say(f"listening on all interfaces, port {server.port}")
+    await stop.wait()
+    say(f"shutting down ({server.sessions} session(s) open)...")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    await server.shutdown()
+    say("stopped")
+    return 0
