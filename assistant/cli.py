@@ -5,6 +5,8 @@ Commands:
   mic [--input-device D] [--output-device D]
   bench --audio DIR_OR_FILES [--json OUT.json]
   devices
+  serve [--host H] [--port P] [--token T]
+  client --url ws://HOST:PORT --input FILE [--output OUT.wav] [--token T]
 
 Every user mistake (bad input, bad config, missing model package, no audio
 device) ends with one line on stderr and a non-zero exit, never a traceback.
@@ -73,6 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-baseline", action="store_true", help="skip the naive sequential baseline")
 
     sub.add_parser("devices", parents=[common], help="list audio devices")
+
+    serve = sub.add_parser(
+        "serve", parents=[common], help="websocket server and browser client (docs/protocol.md)", description=(
+            "Load the models once and serve the browser client (GET /) and the websocket endpoint /ws on one "
+            "port; every connection is a session. Stops gracefully on SIGTERM or Ctrl+C."
+        )
+    )
+    serve.add_argument("--host", metavar="HOST", help="address to listen on (server.host; 0.0.0.0 = all)")
+    serve.add_argument("--port", metavar="PORT", type=int, help="port (server.port; 0 = any free port)")
+    serve.add_argument("--token", metavar="TOKEN", help="require this bearer token (else VOICE_ASSISTANT_TOKEN, "
+                       "else server.auth_token)")
+
+    remote = sub.add_parser(
+        "client", parents=[common], help="talk to a running `serve` through an audio file", description=(
+            "Stream an audio file to a voice-assistant server at real-time pace, print the transcripts and "
+            "replies as they arrive, and save the reply audio on the input's timeline."
+        )
+    )
+    remote.add_argument("--url", required=True, metavar="URL", help="ws://HOST:PORT (or the http:// URL serve printed)")
+    remote.add_argument("--input", "-i", required=True, metavar="FILE", help="audio file holding one or more turns")
+    remote.add_argument("--output", "-o", metavar="OUT.wav", help="reply audio on the input's timeline")
+    remote.add_argument("--token", metavar="TOKEN", help="bearer token (else VOICE_ASSISTANT_TOKEN)")
+    remote.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the last reply (default 120)")
     return parser
 
 
@@ -107,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import bench
 
             return bench(args, config)
+        if args.command == "serve":
+            from .server import serve
+
+            return serve(args, config)
+        if args.command == "client":
+            from .client import client
+
+            return client(args, config.audio.max_input_seconds)
     except UserError as exc:
         _say(f"error: {exc}")
         return exc.exit_code
