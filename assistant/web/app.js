@@ -239,9 +239,7 @@ function stopPlayback() {
 function onPlayer(msg) {
   const turn = turnsByKey.get(msg.turn);
   if (!turn) return;
-  if (msg.type === "underrun") {
-    state.underruns += 1;
-  }
+  state.underruns = msg.underruns;
   turn.playedSamples = msg.samples;
   state.playedSamples = state.turns.reduce((sum, t) => sum + t.playedSamples, 0);
   if (msg.type === "done" || msg.type === "stopped") turn.playing = false;

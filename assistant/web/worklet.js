@@ -136,10 +136,12 @@ const FADE_MS = 4; // fade-out on stop, so an interruption does not click
 class PlaybackProcessor extends AudioWorkletProcessor {
   constructor() {
     super();
-    this.queue = []; // {turn, data: Float32Array, off}
-    this.queued = 0; // samples in the queue
-    this.ended = new Set(); // turns whose last audio frame has arrived
-    this.played = new Map(); // turn -> samples played
+    // {turn, data: Float32Array, off} audio, or {turn, end: true}: the end of
+    // a segment of the turn's audio (response.audio.end).
+    this.queue = [];
+    this.queued = 0; // audio samples in the queue
+    this.ends = 0; // end markers in the queue
+    this.played = new Map(); // turn -> samples played, all its segments
     this.current = null; // turn playing now
     this.primed = false;
     this.prime = Math.round((sampleRate * PRIME_MS) / 1000);
@@ -152,14 +154,15 @@ class PlaybackProcessor extends AudioWorkletProcessor {
   }
 
   onMessage(msg) {
+    if (this.fade > 0) return; // stopping: nothing new until the fade is over
     if (msg.type === "audio") {
-      if (this.fade > 0) return; // stopping: nothing new until the fade is over
       this.queue.push({ turn: msg.turn, data: msg.samples, off: 0 });
       this.queued += msg.samples.length;
       if (!this.played.has(msg.turn)) this.played.set(msg.turn, 0);
+      if (this.played.size > 64) this.played.delete(this.played.keys().next().value);
     } else if (msg.type === "end") {
-      this.ended.add(msg.turn);
-      if (this.queue.every((q) => q.turn !== msg.turn)) this.finish(msg.turn, "done");
+      this.queue.push({ turn: msg.turn, end: true });
+      this.ends++;
     } else if (msg.type === "stop") {
       // Stop at once: a 4 ms fade of what is playing, then drop everything.
       if (this.queued > 0 && this.primed) this.fade = Math.min(this.fadeLen, this.queued);
@@ -167,42 +170,46 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     }
   }
 
-  finish(turn, why) {
-    this.port.postMessage({ type: why, turn, samples: this.played.get(turn) || 0 });
-    this.played.delete(turn);
-    this.ended.delete(turn);
-    if (this.current === turn) this.current = null;
-    this.sinceReport = 0;
+  report(type, turn) {
+    this.port.postMessage({ type, turn, samples: this.played.get(turn) || 0, underruns: this.underruns });
   }
 
   dropAll() {
     const turns = new Set(this.queue.map((q) => q.turn));
     if (this.current !== null) turns.add(this.current);
-    for (const t of this.played.keys()) turns.add(t);
     this.queue = [];
     this.queued = 0;
+    this.ends = 0;
     this.primed = false;
     this.fade = 0;
-    for (const t of turns) this.finish(t, "stopped");
+    this.current = null;
+    this.sinceReport = 0;
+    for (const t of turns) this.report("stopped", t);
   }
 
   process(inputs, outputs) {
     const out = outputs[0][0];
     const n = out.length;
     out.fill(0);
-    if (!this.primed) {
-      const head = this.queue.length ? this.queue[0].turn : null;
-      if (head !== null && (this.queued >= this.prime || this.ended.has(head))) this.primed = true;
-      else return true;
-    }
     let i = 0;
-    let fading = this.fade > 0;
     while (i < n && this.queue.length) {
-      const q = this.queue[0];
-      if (this.current !== q.turn) {
-        if (this.current !== null && this.played.has(this.current)) this.finish(this.current, "done");
-        this.current = q.turn;
+      if (!this.primed) {
+        if (this.queued < this.prime && this.ends === 0) break;
+        this.primed = true;
       }
+      const q = this.queue[0];
+      if (q.end) {
+        // The segment is over: report it, and prime again for the next one.
+        this.queue.shift();
+        this.ends--;
+        this.report("done", q.turn);
+        this.current = null;
+        this.sinceReport = 0;
+        this.primed = false;
+        continue;
+      }
+      this.current = q.turn;
+      const fading = this.fade > 0;
       const take = Math.min(n - i, q.data.length - q.off, fading ? this.fade : Infinity);
       for (let k = 0; k < take; k++) {
         let s = q.data[q.off + k];
@@ -222,26 +229,17 @@ class PlaybackProcessor extends AudioWorkletProcessor {
           return true;
         }
       }
-      if (!this.queue.length || this.queue[0].turn !== q.turn) {
-        if (this.ended.has(q.turn)) {
-          this.finish(q.turn, "done");
-        } else if (!this.queue.length) {
-          // Underrun in the middle of a turn: wait for PRIME_MS again.
-          this.primed = false;
-          this.underruns++;
-          this.port.postMessage({
-            type: "underrun",
-            turn: q.turn,
-            samples: this.played.get(q.turn) || 0,
-            count: this.underruns,
-          });
-          break;
-        }
-      }
+    }
+    if (this.primed && !this.queue.length && this.current !== null) {
+      // Underrun in the middle of a segment: wait for PRIME_MS again.
+      this.primed = false;
+      this.underruns++;
+      this.sinceReport = 0;
+      this.report("underrun", this.current);
     }
     if (this.current !== null && this.sinceReport >= this.reportEvery) {
       this.sinceReport = 0;
-      this.port.postMessage({ type: "position", turn: this.current, samples: this.played.get(this.current) || 0 });
+      this.report("position", this.current);
     }
     return true;
   }
