@@ -826,6 +826,9 @@ class Speaker:
         self.frame_ms = frame_ms
         self.on_played = on_played
         self.on_drained = on_drained
+        # Called on the audio thread with each block handed to the device
+        # (mono int16, device rate, when it is heard); must be quick.
+        self.on_block: Callable[[np.ndarray, int, float], None] | None = None
         self.device_rate = rate
         self.underflows = 0
         self.latency = 0.0
@@ -936,9 +939,21 @@ class Speaker:
         at = time.monotonic() + self.latency
         if self._channels == 1:
             self._buffer.read_into(out, at)
+            self._tap(out, at)
             return
         if len(self._scratch) < frames:
             self._scratch = np.zeros(frames, dtype=np.int16)
         mono = self._scratch[:frames]
         self._buffer.read_into(mono, at)
         out.reshape(frames, self._channels)[:] = mono[:, None]
+        self._tap(mono, at)
+
+    def _tap(self, block: np.ndarray, at: float) -> None:
+        """Hand what the device is about to play to ``on_block`` (the echo
+        canceller's reference: exactly these samples, heard at ``at``)."""
+        if self.on_block is None:
+            return
+        try:
+            self.on_block(block.copy(), self.device_rate, at)
+        except Exception:  # a hook must never stop the audio thread
+            pass

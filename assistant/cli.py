@@ -74,6 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", metavar="OUT.png", help="draw a timeline of each turn")
     bench.add_argument("--no-baseline", action="store_true", help="skip the naive sequential baseline")
 
+    scen = sub.add_parser(
+        "scenarios", parents=[common], help="turn-taking scenarios: barge-in, echo, coughs, pauses",
+        description=(
+            "Play the scripted scenarios (audio_assets/scenarios) through the full pipeline in a simulated "
+            "room, with and without the assistant's own voice echoing into the microphone, and report "
+            "barge-in stop times, self-interruptions, false barge-ins and turn counts."
+        ),
+    )
+    scen.add_argument("--dir", metavar="DIR", help="scenario set (default: audio_assets/scenarios)")
+    scen.add_argument("--only", nargs="+", metavar="NAME", help="run only these scenarios")
+    scen.add_argument("--echo", choices=["on", "off", "both"], default="both", help="echo in the room")
+    scen.add_argument("--echo-delay-ms", type=float, default=60.0, help="speaker-to-microphone delay")
+    scen.add_argument("--echo-gain-db", type=float, default=-10.0, help="echo level relative to the speaker")
+    scen.add_argument("--no-cancel", action="store_true", help="leave the echo canceller off (to see why it is there)")
+    scen.add_argument("--json", metavar="OUT.json", help="write every run and the summary")
+
     sub.add_parser("devices", parents=[common], help="list audio devices")
 
     serve = sub.add_parser(
@@ -140,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             from .client import client
 
             return client(args, config.audio.max_input_seconds)
+        if args.command == "scenarios":
+            from .scenarios import scenarios_command
+
+            return scenarios_command(args, config)
     except UserError as exc:
         _say(f"error: {exc}")
         return exc.exit_code
@@ -197,7 +217,7 @@ async def _converse(args: argparse.Namespace, config: Any, models: Any, pcm: Any
 
     output = TimelineOutput(config.audio.output_rate, config.audio.input_rate, realtime=not args.fast)
     await _warm_up(models)
-    session = Session(models, config, output, enforce_budgets=not args.fast)
+    session = Session(models, config, output, realtime=not args.fast)
     session.report.listeners.append(_print_turn(session))
     _say("conversing" + (" (fast)" if args.fast else " (real-time pace)") + "...")
     started = time.monotonic()
@@ -283,8 +303,18 @@ async def _mic(args: argparse.Namespace, config: Any, models: Any, in_dev: Any, 
     from .session import Session
 
     await _warm_up(models)
-    live = LiveAudio(config, in_dev, out_dev)
-    session = Session(models, config, live.output)
+    canceller = None
+    if config.echo.cancel in ("auto", "on"):  # a loudspeaker and a microphone in one room
+        from pipeline.echo import EchoCanceller
+
+        canceller = EchoCanceller(
+            sample_rate=config.audio.input_rate,
+            frame_ms=config.audio.frame_ms,
+            tail_ms=config.echo.tail_ms,
+            delay_ms=config.echo.delay_ms,
+        )
+    live = LiveAudio(config, in_dev, out_dev, echo_canceller=canceller)
+    session = Session(models, config, live.output, echo_canceller=canceller)
     session.report.listeners.append(_print_turn(session))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -75,14 +75,24 @@ class SpeakerOutput:
 class LiveAudio:
     """A microphone and a speaker, opened together for one conversation."""
 
-    def __init__(self, config: Config, input_device: int | None, output_device: int | None) -> None:
+    def __init__(
+        self, config: Config, input_device: int | None, output_device: int | None, echo_canceller: Any = None
+    ) -> None:
         self.config = config
+        self.echo_canceller = echo_canceller
         self.frames_in: Channel[AudioFrame] | None = None
         self._position = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.microphone = Microphone(input_device, config.audio.frame_ms, self._on_frame, rate=config.audio.input_rate)
         self.speaker = Speaker(output_device, rate=config.audio.output_rate, frame_ms=config.audio.frame_ms)
         self.output = SpeakerOutput(self.speaker)
+        if echo_canceller is not None:
+            self.speaker.on_block = self._on_block
+
+    def _on_block(self, block: np.ndarray, rate: int, at: float) -> None:
+        """The speaker's output, as the echo canceller's reference (on the loop)."""
+        if self._loop is not None and self.echo_canceller is not None:
+            self._loop.call_soon_threadsafe(self.echo_canceller.reference, block, rate, at)
 
     def _on_frame(self, pcm: np.ndarray, captured_at: float) -> None:
         if self._loop is None or self.frames_in is None:

@@ -18,7 +18,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -67,6 +67,9 @@ from pipeline.vad import EndpointRule, VADSettings, VADStage
 from .audio_io import Resampler
 from .config import Config
 from .models import Models
+
+if TYPE_CHECKING:
+    from pipeline.echo import EchoCanceller
 
 log = logging.getLogger("assistant.session")
 
@@ -362,13 +365,20 @@ class Session:
         config: Config,
         output: AudioOutput,
         session_id: str | None = None,
-        enforce_budgets: bool = True,
+        realtime: bool = True,
+        echo_canceller: EchoCanceller | None = None,
     ) -> None:
         self.id = session_id or f"s{next(_session_ids)}"
-        # Off for input fed faster than real time: its clock is compressed,
-        # so budgets are still measured and reported but their policies
-        # would act on meaningless deadlines.
-        self.enforce_budgets = enforce_budgets
+        # False for input fed faster than real time: its clock is
+        # compressed, so budgets are still measured and reported but their
+        # policies would act on meaningless deadlines, and turn-taking (who
+        # speaks when) has no meaning: every turn is answered in order.
+        self.realtime = realtime
+        self.enforce_budgets = realtime
+        # Removes the assistant's own voice from the input (a loudspeaker and
+        # a microphone in one room); whoever plays the audio feeds it the
+        # playback reference.
+        self.echo_canceller = echo_canceller
         self.config = config
         self.models = models
         self.output = output
@@ -389,7 +399,7 @@ class Session:
                 self.ctx,
                 vad_settings(config, models.silero is not None),
                 silero=models.silero.max_probability if models.silero is not None else None,
-                floor=self.floor,
+                floor=self.floor if realtime else None,
             ),
             ASRStage(
                 self.ctx,
@@ -420,7 +430,12 @@ class Session:
         ]
         connect(self.ctx, self.stages)
         self.turn_taking = TurnTaking(
-            self.ctx, self.floor, self.playback, self.conversation.record_heard, barge_in=config.barge_in.enabled
+            self.ctx,
+            self.floor,
+            self.playback,
+            self.conversation.record_heard,
+            barge_in=config.barge_in.enabled and realtime,
+            hold=realtime,
         )
 
     @property
@@ -468,6 +483,8 @@ class Session:
         async def feed() -> None:
             try:
                 async for frame in source:
+                    if self.echo_canceller is not None:
+                        frame = self.echo_canceller.process(frame)
                     await first.inbox.put(frame)
             finally:
                 await first.inbox.put(END)

@@ -132,6 +132,15 @@ class TimelineOutput:
                 await asyncio.sleep(min(remaining, 0.1))
         return self._ends.get(turn_id, now())
 
+    def span(self, start: int, end: int) -> np.ndarray:
+        """The timeline's samples in [start, end): what a speaker played then."""
+        out = np.zeros(max(0, end - start), dtype=np.int16)
+        for begin, pcm, _ in self._pieces:
+            lo, hi = max(start, begin), min(end, begin + len(pcm))
+            if lo < hi:
+                out[lo - start : hi - start] = pcm[lo - begin : hi - begin]
+        return out
+
     def render(self, min_samples: int = 0) -> np.ndarray:
         length = max([min_samples] + [s + len(p) for s, p, _ in self._pieces])
         out = np.zeros(length, dtype=np.int16)

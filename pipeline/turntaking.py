@@ -86,8 +86,10 @@ class TurnTaking:
         playback: ReplyStopper,
         record_heard: Callable[[int, str], None],
         barge_in: bool = True,
+        hold: bool = True,
     ) -> None:
         self.ctx = ctx
+        self.hold = hold
         self.floor = floor
         self.playback = playback
         self.record_heard = record_heard
@@ -104,8 +106,9 @@ class TurnTaking:
         floor = self.floor
         match event:
             case SpeechStarted():
-                floor.user_turns.add(turn_id)
-                floor._notify()
+                if self.hold:
+                    floor.user_turns.add(turn_id)
+                    floor._notify()
                 if self.barge_in:
                     for playing in sorted(floor.assistant_turns - {turn_id}):
                         self.interrupt(playing, event.onset_at, turn_id)
@@ -113,9 +116,11 @@ class TurnTaking:
                 self._replying.add(turn_id)
                 floor.user_turns.discard(turn_id)
                 floor._notify()
-                self._supersede(turn_id)
+                if self.hold:
+                    self._supersede(turn_id)
             case ReplyAudioStarted():
-                floor.assistant_turns.add(turn_id)
+                if not self.ctx.turns.is_cancelled(turn_id):  # an apology after a cancel is not a reply
+                    floor.assistant_turns.add(turn_id)
             case ReplyAudioEnded():
                 floor.assistant_turns.discard(turn_id)
             case TurnCompleted() | TurnCancelled():

@@ -73,7 +73,7 @@ def test_two_turns_in_one_file_keep_the_conversation(models: Any, config: Any, r
     pcm = load_pcm(ASSETS / "conversation" / "two_turns.wav")
     expected = (ASSETS / "conversation" / "two_turns.txt").read_text().splitlines()
     output = TimelineOutput(config.audio.output_rate, 16000)
-    session = Session(models, config, output, enforce_budgets=False)  # fed faster than real time
+    session = Session(models, config, output, realtime=False)  # fed faster than real time
     run(session.run(file_source(pcm, 16000, config.audio.frame_ms, realtime=False)))
     turns = session.report.to_json()
     assert [t["status"] for t in turns] == ["completed", "completed"]
@@ -88,7 +88,7 @@ def test_cancelling_a_turn_mid_reply_leaves_nothing_running(models: Any, config:
     """Cancel as soon as the reply starts: no task, no vLLM request, no audio left."""
     pcm = load_pcm(ASSETS / "questions" / "moon_fact.wav")
     output = TimelineOutput(config.audio.output_rate, 16000)
-    session = Session(models, config, output, enforce_budgets=False)
+    session = Session(models, config, output, realtime=False)
     cancelled: list[int] = []
     states: dict[str, Any] = {}
 
@@ -125,7 +125,7 @@ def test_cancelling_a_turn_mid_reply_leaves_nothing_running(models: Any, config:
 def test_session_goes_on_after_a_cancelled_turn(models: Any, config: Any, run: Any) -> None:
     pcm = load_pcm(ASSETS / "conversation" / "two_turns.wav")
     output = TimelineOutput(config.audio.output_rate, 16000)
-    session = Session(models, config, output, enforce_budgets=False)
+    session = Session(models, config, output, realtime=False)
     seen: list[int] = []
 
     def cancel_first(event: Any) -> None:

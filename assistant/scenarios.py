@@ -1,0 +1,306 @@
+"""Scripted turn-taking scenarios in a simulated room, and their benchmark.
+
+A scenario is a recording of the user (``audio_assets/scenarios``, built by
+``make_scenarios.py`` from the committed speech): a question, then an
+interruption, a cough, a thinking pause... It is played at real-time pace
+into the full pipeline with the real models, as a microphone would capture
+it. :class:`SimulatedRoom` is the loudspeaker and the microphone: reply
+audio is placed on the input's timeline (:class:`TimelineOutput`) and, with
+echo on, fed back into the microphone through :class:`pipeline.room.RoomEcho`
+(delayed, attenuated, filtered like a room), then through the session's
+echo canceller, exactly as ``mic`` mode runs on a kiosk.
+
+``voice-assistant scenarios`` runs the set and prints, per scenario and
+overall: barge-in stop times (onset of the interrupting speech to the last
+reply sample), self-interruptions, false barge-ins and turn counts, against
+the targets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.frames import AudioFrame, ReplyInterrupted, now
+from pipeline.playback import TimelineOutput
+
+from .audio_io import Resampler, read_wav
+from .config import Config
+from .errors import InputError
+from .models import Models
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "audio_assets" / "scenarios"
+
+
+@dataclass
+class EchoSettings:
+    """How the simulated room feeds the speaker back into the microphone."""
+
+    delay_ms: float = 60.0
+    gain_db: float = -10.0
+    rt60_ms: float = 200.0
+    seed: int = 0
+    cancel: bool = True  # run the session's echo canceller
+
+
+class SimulatedRoom:
+    """A loudspeaker and a microphone in one room, on the input's timeline.
+
+    ``output`` is what the session plays into; :meth:`frames` yields the
+    microphone: the user's recording at real-time pace plus, with echo on,
+    what the speaker played, through the room. The canceller (if any) gets
+    the speaker signal as its reference, stamped with when it played.
+    """
+
+    def __init__(self, pcm: np.ndarray, config: Config, echo: EchoSettings | None, canceller: Any = None) -> None:
+        self.pcm = pcm
+        self.rate = config.audio.input_rate
+        self.frame_ms = config.audio.frame_ms
+        self.output = TimelineOutput(config.audio.output_rate, self.rate, realtime=True)
+        self.canceller = canceller
+        self.room: Any = None
+        if echo is not None:
+            from pipeline.room import RoomEcho
+
+            self.room = RoomEcho(
+                sample_rate=self.rate, delay_ms=echo.delay_ms, gain_db=echo.gain_db, rt60_ms=echo.rt60_ms, seed=echo.seed
+            )
+        self._to_mic = Resampler(config.audio.output_rate, self.rate)
+        self._out_fed = 0  # output-timeline samples already passed to the room
+        self._mic_fed = 0  # the same, in microphone samples
+        self.echo_energy = 0.0
+        self.t0 = 0.0
+
+    def _play_until(self, mic_end: int) -> None:
+        """Pass what the speaker played up to ``mic_end`` to the room and the canceller."""
+        out_end = int(mic_end * self.output.sample_rate / self.rate)
+        if out_end <= self._out_fed:
+            return
+        played = self.output.span(self._out_fed, out_end)
+        self._out_fed = out_end
+        pcm = self._to_mic.process(played)
+        if not len(pcm):
+            return
+        at = self.t0 + self._mic_fed / self.rate
+        if self.room is not None:
+            self.room.play(pcm, self.rate, self._mic_fed)
+        if self.canceller is not None:
+            self.canceller.reference(pcm, self.rate, at)
+        self._mic_fed += len(pcm)
+
+    async def frames(self, start: float) -> AsyncIterator[AudioFrame]:
+        """The microphone at real-time pace, stamped like a capture device."""
+        self.t0 = start
+        size = self.rate * self.frame_ms // 1000
+        for offset in range(0, len(self.pcm), size):
+            chunk = self.pcm[offset : offset + size]
+            if len(chunk) < size:
+                chunk = np.concatenate([chunk, np.zeros(size - len(chunk), np.int16)])
+            due = start + (offset + size) / self.rate
+            delay = due - now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._play_until(offset + size)
+            if self.room is not None:
+                echo = np.asarray(self.room.echo(offset, size), dtype=np.float64)
+                self.echo_energy += float(np.sum(echo * echo))
+                chunk = np.clip(chunk.astype(np.float64) + echo, -32768, 32767).astype(np.int16)
+            yield AudioFrame(pcm=chunk, sample_rate=self.rate, captured_at=due, position=offset)
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    echo: bool
+    turns: list[dict[str, Any]]
+    interruptions: list[dict[str, Any]]
+    rejected_barge_ins: int
+    expected: dict[str, Any] = field(default_factory=dict)
+    verdicts: dict[str, bool] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.name,
+            "echo": self.echo,
+            "expected": self.expected,
+            "verdicts": self.verdicts,
+            "interruptions": self.interruptions,
+            "rejected_barge_in_onsets": self.rejected_barge_ins,
+            "turns": self.turns,
+        }
+
+
+def load_scenarios(directory: Path = SCENARIOS) -> list[dict[str, Any]]:
+    path = directory / "scenarios.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"no scenario set at {directory} (expected scenarios.json)") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from None
+    scenarios = data["scenarios"] if isinstance(data, dict) else data
+    for s in scenarios:
+        s["path"] = str(directory / s["file"])
+    return scenarios
+
+
+async def run_scenario(
+    models: Models, config: Config, scenario: dict[str, Any], echo: EchoSettings | None
+) -> ScenarioResult:
+    """One scenario through the full pipeline in the simulated room."""
+    from .session import Session
+
+    pcm, rate = read_wav(Path(scenario["path"]))
+    if rate != config.audio.input_rate:
+        raise InputError(f"{scenario['path']}: expected {config.audio.input_rate} Hz, got {rate}")
+    canceller = None
+    if echo is not None and echo.cancel:
+        from pipeline.echo import EchoCanceller
+
+        canceller = EchoCanceller(
+            sample_rate=rate, frame_ms=config.audio.frame_ms, tail_ms=config.echo.tail_ms, delay_ms=config.echo.delay_ms
+        )
+    room = SimulatedRoom(pcm, config, echo, canceller)
+    session = Session(models, config, room.output, echo_canceller=canceller)
+    session.bus.subscribe(room.output.observe)
+    start = now()
+    await session.run(room.frames(start))
+    origin = start
+    interruptions = [
+        {
+            "turn": e.turn_id,
+            "by_turn": e.by_turn,
+            "onset_s": round(e.onset_at - origin, 3),
+            "stop_ms": round(e.stop_ms, 1),
+            "heard_text": e.heard_text,
+            "played_s": round(e.played_samples / e.sample_rate, 3),
+        }
+        for e in session.turn_taking.interruptions
+    ]
+    vad = session.stages[0]
+    turns = session.report.to_json()
+    for t in turns:  # on the scenario's own clock, to compare with its script
+        t["speech_start_s"] = round(t["milestones_ms"].get("speech_start", math.nan) / 1000 + (session.origin - origin), 3)
+    result = ScenarioResult(
+        name=scenario["name"],
+        echo=echo is not None,
+        turns=turns,
+        interruptions=interruptions,
+        rejected_barge_ins=getattr(vad, "rejected_barge_ins", 0),
+        expected={k: v for k, v in scenario.items() if k.startswith("expect")},
+    )
+    judge(scenario, result)
+    return result
+
+
+def judge(scenario: dict[str, Any], result: ScenarioResult) -> None:
+    """Compare what happened with what the scenario's script expects."""
+    onsets = [float(t) for t in scenario.get("interruption_onsets_s", [])]
+    tolerance = 0.6
+    real, spurious = [], []
+    for i in result.interruptions:
+        (real if any(abs(i["onset_s"] - o) <= tolerance for o in onsets) else spurious).append(i)
+    v: dict[str, bool] = {}
+    if "expect_interruptions" in scenario:
+        v["interruptions"] = len(real) == int(scenario["expect_interruptions"])
+    v["no_spurious_interruption"] = not spurious
+    spoken = [t for t in result.turns if t["transcript"]]
+    if "expect_turns" in scenario:
+        v["turns"] = len(spoken) == int(scenario["expect_turns"])
+    result.verdicts = v
+    result.expected["spurious_interruptions"] = len(spurious)
+
+
+async def run_set(
+    models: Models, config: Config, scenarios: list[dict[str, Any]], echo_modes: list[bool], echo: EchoSettings
+) -> list[ScenarioResult]:
+    results = []
+    for scenario in scenarios:
+        for with_echo in echo_modes:
+            if with_echo is False and scenario.get("echo_only"):
+                continue
+            results.append(await run_scenario(models, config, scenario, echo if with_echo else None))
+    return results
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return float(np.percentile(np.asarray(values), q))
+
+
+def summarize(results: list[ScenarioResult]) -> dict[str, Any]:
+    stops = [i["stop_ms"] for r in results for i in r.interruptions]
+    spurious = sum(r.expected.get("spurious_interruptions", 0) for r in results)
+    self_interruptions = sum(r.expected.get("spurious_interruptions", 0) for r in results if r.echo)
+    return {
+        "runs": len(results),
+        "interruptions": len(stops),
+        "barge_in_stop_ms": {"p50": _percentile(stops, 50), "p95": _percentile(stops, 95), "max": max(stops, default=None)},
+        "spurious_interruptions": spurious,
+        "self_interruptions_with_echo": self_interruptions,
+        "failed_checks": [f"{r.name}{' (echo)' if r.echo else ''}: {k}" for r in results for k, ok in r.verdicts.items() if not ok],
+    }
+
+
+def format_table(results: list[ScenarioResult], summary: dict[str, Any]) -> str:
+    lines = [f"{'scenario':32} {'echo':5} {'turns':>5} {'interrupts':>10} {'stop ms':>14}  checks"]
+    for r in results:
+        spoken = sum(1 for t in r.turns if t["transcript"])
+        stops = ", ".join(f"{i['stop_ms']:.0f}" for i in r.interruptions) or "-"
+        checks = " ".join(f"{k}:{'ok' if ok else 'FAIL'}" for k, ok in r.verdicts.items())
+        lines.append(f"{r.name:32} {'on' if r.echo else 'off':5} {spoken:>5} {len(r.interruptions):>10} {stops:>14}  {checks}")
+    s = summary["barge_in_stop_ms"]
+    fmt = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
+    lines += [
+        "",
+        f"barge-in stop (onset of user speech -> last reply sample): p50 {fmt(s['p50'])} ms, "
+        f"p95 {fmt(s['p95'])} ms, max {fmt(s['max'])} ms over {summary['interruptions']} interruptions (target p95 <= 400)",
+        f"self-interruptions with echo on: {summary['self_interruptions_with_echo']} (target 0)",
+        f"spurious interruptions (any run): {summary['spurious_interruptions']} (target 0)",
+        f"failed checks: {', '.join(summary['failed_checks']) or 'none'}",
+    ]
+    return "\n".join(lines)
+
+
+def scenarios_command(args: Any, config: Config) -> int:
+    """``voice-assistant scenarios``: run the set, print the table, write JSON."""
+    import sys
+
+    from .models import load_models
+
+    directory = Path(args.dir) if args.dir else SCENARIOS
+    scenarios = load_scenarios(directory)
+    if args.only:
+        unknown = sorted(set(args.only) - {s["name"] for s in scenarios})
+        if unknown:
+            raise InputError(f"no such scenario: {', '.join(unknown)} (have: {', '.join(s['name'] for s in scenarios)})")
+        scenarios = [s for s in scenarios if s["name"] in args.only]
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.echo]
+    echo = EchoSettings(delay_ms=args.echo_delay_ms, gain_db=args.echo_gain_db, cancel=not args.no_cancel)
+    print("loading models...", file=sys.stderr)
+    models = load_models(config)
+
+    async def go() -> list[ScenarioResult]:
+        await models.warm_up()
+        return await run_set(models, config, scenarios, modes, echo)
+
+    try:
+        results = asyncio.run(go())
+    finally:
+        models.close()
+    summary = summarize(results)
+    print(format_table(results, summary))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"summary": summary, "echo": vars(echo), "runs": [r.to_json() for r in results]}, indent=2),
+            encoding="utf-8",
+        )
+    return 0 if not summary["failed_checks"] else 1
