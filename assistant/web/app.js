@@ -146,6 +146,8 @@ function makeTurnElement() {
 function render(turn) {
   const el = elements.get(turn);
   el.li.dataset.status = turn.status;
+  // Streaming text is announced once the turn settles, not word by word.
+  el.li.setAttribute("aria-busy", String(["listening", "thinking", "speaking"].includes(turn.status)));
   if (turn.final !== null) {
     el.user.textContent = turn.final;
     el.user.classList.remove("partial");

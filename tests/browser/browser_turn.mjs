@@ -25,7 +25,7 @@ const { values: args } = parseArgs({
     timeout: { type: "string", default: "90" },
     chromium: { type: "string", default: process.env.CHROMIUM || "/usr/bin/chromium" },
     width: { type: "string", default: "412" },
-    height: { type: "string", default: "760" },
+    height: { type: "string", default: "640" },
   },
 });
 
