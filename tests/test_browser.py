@@ -45,7 +45,8 @@ def _missing() -> list[str]:
     return missing
 
 
-@pytest.fixture(scope="module")
+# Session scope, first in the test's arguments: checked before the models load.
+@pytest.fixture(scope="session")
 def browser_ready() -> None:
     missing = _missing()
     if missing:
