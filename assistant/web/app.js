@@ -356,9 +356,11 @@ function onEvent(ev) {
       return;
     }
     case "speech.started": {
-      // The server heard the user start a new turn. If reply audio is still
-      // playing, the server has decided the user takes over: stop at once.
-      if (state.turns.some((t) => t.playing && t.turnId !== ev.turn_id)) stopPlayback();
+      // The server heard the user start a new turn over reply audio that is
+      // still playing (barge_in): it has decided the user takes over, so stop
+      // at once, before response.interrupted even arrives. Without barge_in
+      // the server counts the reply as played out: its tail plays on.
+      if (ev.barge_in !== false && state.turns.some((t) => t.playing && t.turnId !== ev.turn_id)) stopPlayback();
       render(turnFor(ev.turn_id));
       return;
     }
@@ -440,6 +442,8 @@ function onEvent(ev) {
       if (over.length) turn.overBudget = over.map(([name]) => name);
       turn.late = Boolean(ev.budgets?.voice_to_voice?.exceeded);
       render(turn);
+      // A turn opened by noise, with no words and no reply: not worth a card.
+      if (turn.status === "cancelled" && !turn.final && !turn.reply) elements.get(turn).li.hidden = true;
       if (turn.voiceToVoiceMs !== null) {
         ui.latency.textContent = `Last turn: ${Math.round(turn.voiceToVoiceMs)} ms voice-to-voice`;
       }
