@@ -470,6 +470,7 @@ class _Connection:
         self._tasks: list[asyncio.Task[Any]] = []
         self._input: Channel[Any] = Channel("ws.input", maxsize=INPUT_QUEUE_FRAMES)
         self._input_closed = False
+        self._draining = False  # shutting down: audio is no longer listened to
         self._pending = np.zeros(0, np.int16)
         self._position = 0
         self._resampler: Resampler | None = None
@@ -587,8 +588,10 @@ class _Connection:
         await self._close(close_code, message)
 
     async def _close(self, code: int, reason: str) -> None:
+        # A close reason holds at most 123 bytes of UTF-8.
+        short = reason.encode()[:120].decode("utf-8", "ignore")
         with contextlib.suppress(ConnectionClosed):
-            await self.ws.close(code, reason[:120])
+            await self.ws.close(code, short)
 
     async def _finish(self, reason: str, pipeline: asyncio.Task[None], sender: asyncio.Task[None]) -> None:
         ending = ENDINGS[reason]
@@ -596,7 +599,9 @@ class _Connection:
         if reason == "disconnected":
             self.output.close()
         if reason == "shutdown":
-            # In-flight turns get the grace period to finish (their audio included).
+            # In-flight turns get the grace period to finish (their audio
+            # included); the client's audio meanwhile is dropped quietly.
+            self._draining = True
             self._end_input()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(pipeline), self.server.shutdown_grace_s)
@@ -630,7 +635,7 @@ class _Connection:
                 await self.ws.send(json.dumps({"type": "error", "code": code, "message": message, "fatal": True,
                                                "at_ms": round((now() - self.origin) * 1000, 1)}))
         if ending.close_code != 1006:
-            await self._close(ending.close_code, ending.ended_reason or (ending.error or ("", ""))[0])
+            await self._close(ending.close_code, ending.error[1] if ending.error else ending.ended_reason or "")
 
     def _cancel_turns(self, reason: str) -> None:
         for turn_id in sorted(self._open_turns):
@@ -662,6 +667,8 @@ class _Connection:
     def _on_audio(self, data: bytes) -> None:
         assert self._start is not None and self._resampler is not None
         if self._input_closed:
+            if self._draining:
+                return
             raise ProtocolError("bad_audio", "audio after input.end is ignored")
         if len(data) % 2:
             raise ProtocolError("bad_audio", f"binary frame of odd length ({len(data)} bytes): expected PCM16")

@@ -1,0 +1,126 @@
+"""Voice-to-voice latency of the websocket server under concurrent sessions.
+
+Starts the real server in-process (models loaded once, as ``serve`` does) or
+uses a running one (``--url``), then opens N sessions at once. Each streams
+the committed questions at real-time pace like a microphone: a question,
+silence until that turn's ``turn.metrics`` arrives (the reply has been
+played), a short gap, the next question. Sessions start staggered and take
+the questions in rotated order, so their turns overlap without being in
+lock-step. Prints voice-to-voice p50/p95/max over every completed turn,
+from the server's ``turn.metrics`` events.
+
+    .venv/bin/python scripts/bench_server.py --sessions 4
+    .venv/bin/python scripts/bench_server.py --url ws://host:8765 --sessions 4 --token T
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from assistant.audio_io import read_wav  # noqa: E402
+from assistant.client import RemoteSession  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+async def one_session(url: str, token: str | None, index: int, questions: list[np.ndarray], gap_s: float,
+                      stagger_s: float) -> dict[str, Any]:
+    await asyncio.sleep(index * stagger_s)
+    session = await RemoteSession.open(url, token=token, client=f"bench-{index}")
+    order = questions[index % len(questions) :] + questions[: index % len(questions)]
+    gap = np.zeros(int(16000 * gap_s), np.int16)
+    for pcm in order:
+        answered = len(session.metrics)
+        await session.stream(pcm)
+        await session.stream_silence_until(lambda: len(session.metrics) > answered, max_s=40)
+        await session.stream(gap)
+    await session.end_input()
+    await session.wait_closed(60)
+    turns = [m for m in session.metrics.values() if m.get("transcript")]
+    return {"session": session.session_id, "turns": turns, "ended": session.ended_reason, "close": session.close_code}
+
+
+async def bench(url: str, token: str | None, sessions: int, questions: list[np.ndarray], gap_s: float,
+                stagger_s: float) -> list[dict[str, Any]]:
+    return list(await asyncio.gather(*(one_session(url, token, i, questions, gap_s, stagger_s) for i in range(sessions))))
+
+
+async def in_process(args: argparse.Namespace, questions: list[np.ndarray]) -> list[dict[str, Any]]:
+    from assistant.config import load_config
+    from assistant.models import load_models
+    from assistant.server import Server
+
+    config = load_config(args.config, args.set)
+    models = load_models(config)
+    try:
+        await models.warm_up()
+        async with Server(models, config, host="127.0.0.1", port=0, token="") as server:
+            print(f"server on {server.ws_url}", file=sys.stderr, flush=True)
+            return await bench(server.ws_url, None, args.sessions, questions, args.gap, args.stagger)
+    finally:
+        models.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="a running server (default: start one in-process)")
+    parser.add_argument("--token", help="bearer token for --url")
+    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--questions", type=int, default=0, help="use only the first N questions (0 = all)")
+    parser.add_argument("--gap", type=float, default=0.5, help="silence after each answer, seconds")
+    parser.add_argument("--stagger", type=float, default=0.7, help="delay between session starts, seconds")
+    parser.add_argument("--json", metavar="OUT.json", help="write every turn's metrics")
+    parser.add_argument("--config", help="config file (in-process server)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    args = parser.parse_args()
+
+    files = sorted((ROOT / "audio_assets" / "questions").glob("*.wav"))
+    if args.questions:
+        files = files[: args.questions]
+    questions = [read_wav(f)[0] for f in files]
+    started = time.monotonic()
+    if args.url:
+        results = asyncio.run(bench(args.url, args.token, args.sessions, questions, args.gap, args.stagger))
+    else:
+        results = asyncio.run(in_process(args, questions))
+    wall = time.monotonic() - started
+
+    v2v = [t["voice_to_voice_ms"] for r in results for t in r["turns"] if t["status"] == "completed"
+           and t["voice_to_voice_ms"] is not None]
+    completed = sum(1 for r in results for t in r["turns"] if t["status"] == "completed")
+    expected = args.sessions * len(questions)
+    print(f"{args.sessions} concurrent sessions x {len(questions)} questions, real-time pace ({wall:.0f} s)")
+    for r in results:
+        statuses = [t["status"] for t in r["turns"]]
+        print(f"  {r['session']}: {statuses.count('completed')}/{len(questions)} completed, ended {r['ended']} "
+              f"(close {r['close']}), v2v ms {[round(t['voice_to_voice_ms'] or 0) for t in r['turns']]}")
+    print(f"completed turns: {completed}/{expected}")
+    if v2v:
+        print(f"voice-to-voice: p50 {percentile(v2v, 0.5):.0f} ms, p95 {percentile(v2v, 0.95):.0f} ms, "
+              f"max {max(v2v):.0f} ms, mean {statistics.fmean(v2v):.0f} ms (n={len(v2v)})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sessions": results, "wall_s": round(wall, 1)}, indent=2) + "\n")
+    return 0 if completed == expected else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
