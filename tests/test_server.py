@@ -8,6 +8,7 @@ protocol's details, :class:`assistant.client.RemoteSession` for whole turns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import statistics
 from collections.abc import Awaitable, Callable
@@ -450,7 +451,9 @@ def test_four_sessions_at_once_each_complete_their_turn(models: Any, config: Con
         metrics = [m for m in session.metrics.values() if m["transcript"]]
         assert session.ended_reason == "input_ended" and session.close_code == 1000, name
         assert [m["status"] for m in metrics] == ["completed"], (name, session.metrics)
-        assert word_error_rate(expected_text(ASSETS / "questions" / f"{name}.wav"), metrics[0]["transcript"]) <= 0.25
+        # Four sessions share two cores and one Whisper thread: a late final may be the latest
+        # partial (the asr_final budget's commit_partial), short of its last word.
+        assert word_error_rate(expected_text(ASSETS / "questions" / f"{name}.wav"), metrics[0]["transcript"]) <= 0.4
         assert metrics[0]["reply"] and session.segments and session.binary_outside_segment == 0
         v2v.append(metrics[0]["voice_to_voice_ms"])
     q = statistics.quantiles(v2v, n=20, method="inclusive")
@@ -531,3 +534,70 @@ def test_static_files_health_and_no_way_out(models: Any, config: Config, run: An
                  "/missing.js", "/sub/", "/%00", "/ws/x"):
         assert r[path][0] == 404, path
         assert b"private" not in r[path][2]
+
+
+# --------------------------------------------------------------------------
+# Barge-in over the websocket
+# --------------------------------------------------------------------------
+
+
+def test_barge_in_cuts_at_the_playback_position_the_client_reported(models: Any, config: Config, run: Any) -> None:
+    """The client says it has played less than the server's pacing clock thinks (its playback
+    started late): the interruption is cut where the client really was, and the new question
+    is answered."""
+    rate = 22050
+    question = load_pcm(ASSETS / "questions" / "why_sky_blue.wav")
+    interruption = load_pcm(ASSETS / "questions" / "capital_of_france.wav")
+    reported = rate // 10  # the client says: 0.1 s played, 0.6 s after the reply began
+
+    async def body(server: Server) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        received: list[Message] = []
+        state: dict[str, Any] = {"received": received}
+
+        async def receive(ws: ClientConnection) -> None:
+            with contextlib.suppress(ConnectionClosed):
+                async for message in ws:
+                    received.append((loop.time(), message))
+
+        def seen(kind: str) -> bool:
+            return any(isinstance(m, str) and json.loads(m)["type"] == kind for _, m in received)
+
+        async with connect(server.ws_url) as ws:
+            await start_session(ws, input_rate=16000, output_rate=rate)
+            receiver = asyncio.create_task(receive(ws))
+            await stream(ws, question, 16000)
+            async with asyncio.timeout(30):  # the microphone stays open: silence until the reply plays
+                while not seen("response.audio.start"):
+                    await stream(ws, np.zeros(320, np.int16), 16000)
+            state["audio_start"] = loop.time()
+            await stream(ws, np.zeros(16000 * 6 // 10, np.int16), 16000)  # 0.6 s into the reply
+            state["report_at"] = loop.time()
+            await ws.send(json.dumps({"type": "playback.position", "turn_id": 1, "samples": reported}))
+            await stream(ws, interruption, 16000)
+            await stream(ws, np.zeros(16000, np.int16), 16000)
+            await ws.send(json.dumps({"type": "input.end"}))
+            await asyncio.wait_for(receiver, 60)
+        return state
+
+    state = run_server(run, models, config, body)
+    timed = [(at, json.loads(m)) for at, m in state["received"] if isinstance(m, str)]
+    evs = [e for _, e in timed]
+    interrupted = [(at, e) for at, e in timed if e["type"] == "response.interrupted"]
+    assert len(interrupted) == 1, [e["type"] for e in evs]
+    got_at, event = interrupted[0]
+    assert event["turn_id"] == 1 and event["by_turn"] == 2
+    # Cut from the report, extrapolated at real time until the barge-in; the pacing clock
+    # would have said about 0.5 s more.
+    upper = reported + (got_at - state["report_at"]) * rate
+    assert reported <= event["played_samples"] <= upper + 0.05 * rate
+    assert event["played_samples"] < (got_at - state["audio_start"] - 0.2) * rate
+    reply = next(e["text"] for e in evs if e["type"] == "response.text.delta" and e["turn_id"] == 1)
+    assert reply.strip()  # the reply had begun
+    ends = [e for e in evs if e["type"] == "response.audio.end" and e["turn_id"] == 1]
+    assert ends and evs.index(ends[0]) > evs.index(event)  # the interrupted segment is closed after the stop
+    metrics = {e["turn_id"]: e for e in evs if e["type"] == "turn.metrics"}
+    assert metrics[1]["status"] == "interrupted" and metrics[1]["interrupted"] is True
+    assert metrics[2]["status"] == "completed"
+    assert word_error_rate("What is the capital of France?", metrics[2]["transcript"]) <= 0.2
+    assert evs[-1]["type"] == "session.ended"
