@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     scen.add_argument("--dir", metavar="DIR", help="scenario set (default: audio_assets/scenarios)")
     scen.add_argument("--only", nargs="+", metavar="NAME", help="run only these scenarios")
     scen.add_argument("--echo", choices=["on", "off", "both"], default="both", help="echo in the room")
-    scen.add_argument("--echo-delay-ms", type=float, default=60.0, help="speaker-to-microphone delay")
+    scen.add_argument(
+        "--echo-delay-ms", type=float, nargs="+", default=[30.0, 75.0, 120.0],
+        help="speaker-to-microphone delays; each echo run is repeated at each (default: 30 75 120)",
+    )
     scen.add_argument("--echo-gain-db", type=float, default=-10.0, help="echo level relative to the speaker")
     scen.add_argument("--no-cancel", action="store_true", help="leave the echo canceller off (to see why it is there)")
     scen.add_argument("--json", metavar="OUT.json", help="write every run and the summary")

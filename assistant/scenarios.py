@@ -119,16 +119,21 @@ class SimulatedRoom:
 class ScenarioResult:
     name: str
     echo: bool
+    echo_delay_ms: float | None
     turns: list[dict[str, Any]]
     interruptions: list[dict[str, Any]]
     rejected_barge_ins: int
     expected: dict[str, Any] = field(default_factory=dict)
     verdicts: dict[str, bool] = field(default_factory=dict)
+    session: Any = None  # for tests: history, events, stages (not serialized)
+    room: SimulatedRoom | None = None
+    events: list[Any] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "scenario": self.name,
             "echo": self.echo,
+            "echo_delay_ms": self.echo_delay_ms,
             "expected": self.expected,
             "verdicts": self.verdicts,
             "interruptions": self.interruptions,
@@ -170,6 +175,8 @@ async def run_scenario(
     room = SimulatedRoom(pcm, config, echo, canceller)
     session = Session(models, config, room.output, echo_canceller=canceller)
     session.bus.subscribe(room.output.observe)
+    events: list[Any] = []
+    session.bus.subscribe(events.append)
     start = now()
     await session.run(room.frames(start))
     origin = start
@@ -191,10 +198,14 @@ async def run_scenario(
     result = ScenarioResult(
         name=scenario["name"],
         echo=echo is not None,
+        echo_delay_ms=echo.delay_ms if echo is not None else None,
         turns=turns,
         interruptions=interruptions,
         rejected_barge_ins=getattr(vad, "rejected_barge_ins", 0),
         expected={k: v for k, v in scenario.items() if k.startswith("expect")},
+        session=session,
+        room=room,
+        events=events,
     )
     judge(scenario, result)
     return result
@@ -219,14 +230,16 @@ def judge(scenario: dict[str, Any], result: ScenarioResult) -> None:
 
 
 async def run_set(
-    models: Models, config: Config, scenarios: list[dict[str, Any]], echo_modes: list[bool], echo: EchoSettings
+    models: Models, config: Config, scenarios: list[dict[str, Any]], echo_modes: list[bool], echoes: list[EchoSettings]
 ) -> list[ScenarioResult]:
+    """Each scenario without echo, and with echo once per echo setting."""
     results = []
     for scenario in scenarios:
         for with_echo in echo_modes:
             if with_echo is False and scenario.get("echo_only"):
                 continue
-            results.append(await run_scenario(models, config, scenario, echo if with_echo else None))
+            for echo in echoes if with_echo else [None]:
+                results.append(await run_scenario(models, config, scenario, echo))
     return results
 
 
@@ -240,8 +253,13 @@ def summarize(results: list[ScenarioResult]) -> dict[str, Any]:
     stops = [i["stop_ms"] for r in results for i in r.interruptions]
     spurious = sum(r.expected.get("spurious_interruptions", 0) for r in results)
     self_interruptions = sum(r.expected.get("spurious_interruptions", 0) for r in results if r.echo)
+    cough_runs = [r for r in results if r.name.startswith(("cough", "bursts"))]
     return {
         "runs": len(results),
+        "false_barge_ins_from_bursts": sum(len(r.interruptions) for r in cough_runs),
+        "pause_scenarios_split": sum(
+            1 for r in results if r.name.startswith("thinking_pause") and not r.verdicts.get("turns", True)
+        ),
         "interruptions": len(stops),
         "barge_in_stop_ms": {"p50": _percentile(stops, 50), "p95": _percentile(stops, 95), "max": max(stops, default=None)},
         "spurious_interruptions": spurious,
@@ -251,12 +269,13 @@ def summarize(results: list[ScenarioResult]) -> dict[str, Any]:
 
 
 def format_table(results: list[ScenarioResult], summary: dict[str, Any]) -> str:
-    lines = [f"{'scenario':32} {'echo':5} {'turns':>5} {'interrupts':>10} {'stop ms':>14}  checks"]
+    lines = [f"{'scenario':24} {'echo':9} {'turns':>5} {'interrupts':>10} {'stop ms':>9}  checks"]
     for r in results:
         spoken = sum(1 for t in r.turns if t["transcript"])
         stops = ", ".join(f"{i['stop_ms']:.0f}" for i in r.interruptions) or "-"
         checks = " ".join(f"{k}:{'ok' if ok else 'FAIL'}" for k, ok in r.verdicts.items())
-        lines.append(f"{r.name:32} {'on' if r.echo else 'off':5} {spoken:>5} {len(r.interruptions):>10} {stops:>14}  {checks}")
+        echo = f"{r.echo_delay_ms:.0f} ms" if r.echo else "off"
+        lines.append(f"{r.name:24} {echo:9} {spoken:>5} {len(r.interruptions):>10} {stops:>9}  {checks}")
     s = summary["barge_in_stop_ms"]
     fmt = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
     lines += [
@@ -265,6 +284,8 @@ def format_table(results: list[ScenarioResult], summary: dict[str, Any]) -> str:
         f"p95 {fmt(s['p95'])} ms, max {fmt(s['max'])} ms over {summary['interruptions']} interruptions (target p95 <= 400)",
         f"self-interruptions with echo on: {summary['self_interruptions_with_echo']} (target 0)",
         f"spurious interruptions (any run): {summary['spurious_interruptions']} (target 0)",
+        f"false barge-ins from coughs/knocks/blips: {summary['false_barge_ins_from_bursts']} (target 0)",
+        f"thinking pauses split into two turns: {summary['pause_scenarios_split']} (target 0)",
         f"failed checks: {', '.join(summary['failed_checks']) or 'none'}",
     ]
     return "\n".join(lines)
@@ -284,13 +305,13 @@ def scenarios_command(args: Any, config: Config) -> int:
             raise InputError(f"no such scenario: {', '.join(unknown)} (have: {', '.join(s['name'] for s in scenarios)})")
         scenarios = [s for s in scenarios if s["name"] in args.only]
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.echo]
-    echo = EchoSettings(delay_ms=args.echo_delay_ms, gain_db=args.echo_gain_db, cancel=not args.no_cancel)
+    echoes = [EchoSettings(delay_ms=d, gain_db=args.echo_gain_db, cancel=not args.no_cancel) for d in args.echo_delay_ms]
     print("loading models...", file=sys.stderr)
     models = load_models(config)
 
     async def go() -> list[ScenarioResult]:
         await models.warm_up()
-        return await run_set(models, config, scenarios, modes, echo)
+        return await run_set(models, config, scenarios, modes, echoes)
 
     try:
         results = asyncio.run(go())
@@ -300,7 +321,7 @@ def scenarios_command(args: Any, config: Config) -> int:
     print(format_table(results, summary))
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"summary": summary, "echo": vars(echo), "runs": [r.to_json() for r in results]}, indent=2),
+            json.dumps({"summary": summary, "echo": [vars(e) for e in echoes], "runs": [r.to_json() for r in results]}, indent=2),
             encoding="utf-8",
         )
     return 0 if not summary["failed_checks"] else 1

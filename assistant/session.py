@@ -398,7 +398,7 @@ class Session:
             VADStage(
                 self.ctx,
                 vad_settings(config, models.silero is not None),
-                silero=models.silero.max_probability if models.silero is not None else None,
+                silero=models.silero.probabilities if models.silero is not None else None,
                 floor=self.floor if realtime else None,
             ),
             ASRStage(

@@ -52,6 +52,15 @@ class Transcriber(Protocol):
     def __call__(self, audio: np.ndarray) -> str: ...
 
 
+# Whisper's own rule for "this was not speech": a high no-speech
+# probability *and* an unsure decode. Non-speech that got past the VAD (a
+# cough, a knock) decodes as "you" with no-speech 0.77-0.95 and average
+# log-probability -1.9 to -4.0; the committed questions score 0.01-0.20 and
+# -0.06 to -0.79 (measured on audio_assets/scenarios/bursts_only.wav).
+NO_SPEECH_PROB = 0.6
+NO_SPEECH_LOGPROB = -1.0
+
+
 class WhisperTranscriber:
     """faster-whisper tuned for short utterances: greedy, no fallback, no VAD.
 
@@ -63,8 +72,9 @@ class WhisperTranscriber:
     30 s at a fifth of the cost, while 5 s windows started to loop. Set
     ``window_s`` to 30 for stock faster-whisper behaviour.
 
-    Temperature fallback and the no-speech skip are off: the VAD already
-    decided this is speech, and a second decode would double the latency.
+    Temperature fallback is off: a second decode would double the latency.
+    A decode that Whisper itself scores as no speech (see ``NO_SPEECH_PROB``)
+    gives no words, so a cough that fooled the VAD ends as a dropped turn.
     """
 
     def __init__(self, model: Any, beam_size: int = 1, language: str = "en", window_s: float = 10.0) -> None:
@@ -98,8 +108,16 @@ class WhisperTranscriber:
         features = self.model.feature_extractor(padded)[:, : int(window * 100)]
         encoded = self.model.model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None])))
         result = self.model.model.generate(
-            encoded, [self._prompt], beam_size=self.beam_size, max_length=max_tokens, suppress_blank=True
+            encoded,
+            [self._prompt],
+            beam_size=self.beam_size,
+            max_length=max_tokens,
+            suppress_blank=True,
+            return_no_speech_prob=True,
+            return_scores=True,
         )
+        if result[0].no_speech_prob > NO_SPEECH_PROB and result[0].scores[0] < NO_SPEECH_LOGPROB:
+            return ""  # Whisper's "you" on a cough, a knock or a click
         return self._tokenizer.decode(result[0].sequences_ids[0]).strip()
 
     def _decode_30s(self, audio: np.ndarray, max_tokens: int) -> str:
@@ -113,8 +131,8 @@ class WhisperTranscriber:
             condition_on_previous_text=False,
             vad_filter=False,
             compression_ratio_threshold=None,
-            log_prob_threshold=None,
-            no_speech_threshold=None,
+            log_prob_threshold=NO_SPEECH_LOGPROB,
+            no_speech_threshold=NO_SPEECH_PROB,
         )
         return " ".join(s.text.strip() for s in segments).strip()
 

@@ -88,7 +88,10 @@ class Conversation:
         for turn in reversed(self.turns):
             content = turn["content"]
             if turn.get("interrupted"):
-                content = f"{content} [the user interrupted me here]"
+                # Cut off mid-speech: a trailing dash says so in the text
+                # itself (a bracketed note was copied into replies by the
+                # small model), and only the heard words are there.
+                content = f"{content.rstrip(' ,;:-—')} —"
             cost = self.count_tokens(content) + 4
             if kept and used + cost > self.budget:
                 break
