@@ -94,7 +94,7 @@ def test_thinking_pause_stays_one_turn(models: Any, config: Any, run: Callable[.
 
 
 def test_two_quick_turns_both_answered_in_order(models: Any, config: Any, run: Callable[..., Any]) -> None:
-    result = play("two_quick_turns", models, config, run, echo=True)
+    result = play("two_quick_turns", models, config, run, echo=False)
     turns = spoken_turns(result)
     assert len(turns) == 2
     assert turns[-1]["status"] == "completed" and turns[-1]["reply_audio_seconds"] > 0.5
