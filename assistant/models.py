@@ -309,15 +309,24 @@ class Models:
         for text in (budgets.acknowledgement, budgets.apology):
             await loop.run_in_executor(self.tts_executor, self.phrase, text, self.config.audio.output_rate)
 
-    def close(self) -> None:
-        """Stop the engine process now, not in a destructor at interpreter exit."""
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop the engine process now, not in a destructor at interpreter exit.
+
+        vLLM gives its engine process 5 s to exit after SIGTERM before it
+        kills it, and on the CPU build it used all of them (5.3 s measured):
+        a CPU engine holds no device memory to release, so after ``timeout``
+        it is killed.
+        """
         import gc
 
         self.asr_executor.shutdown(wait=False, cancel_futures=True)
         self.tts_executor.shutdown(wait=False, cancel_futures=True)
         engine = getattr(self.llm, "engine", None)
         if engine is not None:
-            engine.shutdown()
+            try:
+                engine.shutdown(timeout=timeout)
+            except TypeError:  # a vLLM without the timeout argument
+                engine.shutdown()
             engine.shutdown = lambda *args, **kwargs: None  # __del__ calls it again
             self.llm.engine = None
             del engine
