@@ -148,19 +148,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "mic":
             return mic(args, config)
         if args.command == "bench":
-            from .bench import bench
+            from .evaluation.bench import bench
 
             return bench(args, config)
         if args.command == "serve":
-            from .server import serve
+            from .server.server import serve
 
             return serve(args, config)
         if args.command == "client":
-            from .client import client
+            from .server.client import client
 
             return client(args, config.audio.max_input_seconds)
         if args.command == "scenarios":
-            from .scenarios import scenarios_command
+            from .evaluation.scenarios import scenarios_command
 
             return scenarios_command(args, config)
     except UserError as exc:

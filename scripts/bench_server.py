@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from assistant.audio_io import read_wav  # noqa: E402
-from assistant.client import RemoteSession  # noqa: E402
+from assistant.server.client import RemoteSession  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -67,7 +67,7 @@ async def bench(url: str, token: str | None, sessions: int, questions: list[np.n
 async def in_process(args: argparse.Namespace, questions: list[np.ndarray]) -> list[dict[str, Any]]:
     from assistant.config import load_config
     from assistant.models import load_models
-    from assistant.server import Server
+    from assistant.server.server import Server
 
     config = load_config(args.config, args.set)
     models = load_models(config)

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from assistant.bench import _bench, collect_audio, format_table, percentile, summarize
-from assistant.plot import plot_timelines
+from assistant.evaluation.bench import _bench, collect_audio, format_table, percentile, summarize
+from assistant.evaluation.plot import plot_timelines
 from assistant.errors import InputError
 from helpers import ASSETS
 

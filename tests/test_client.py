@@ -19,7 +19,7 @@ import numpy as np
 
 from assistant.audio_io import read_wav
 from assistant.config import Config
-from assistant.server import Server
+from assistant.server.server import Server
 from helpers import ASSETS, ROOT, expected_text, word_error_rate
 from test_cli import cli, one_line_error
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from assistant.naive import NAIVE_LATENCIES, naive_turn, summarize_latencies
-from assistant.plot import plot_timelines
+from assistant.evaluation.naive import NAIVE_LATENCIES, naive_turn, summarize_latencies
+from assistant.evaluation.plot import plot_timelines
 from helpers import ASSETS, expected_text, load_pcm, word_error_rate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

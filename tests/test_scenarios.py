@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from assistant.scenarios import EchoSettings, ScenarioResult, load_scenarios, run_scenario
+from assistant.evaluation.scenarios import EchoSettings, ScenarioResult, load_scenarios, run_scenario
 from helpers import words
 from pipeline.frames import LLMToken, ReplyInterrupted
 

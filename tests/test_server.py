@@ -2,7 +2,7 @@
 
 Every test runs the server in-process on the test session's one event loop
 (port 0) and talks to it as a remote program would: raw websockets for the
-protocol's details, :class:`assistant.client.RemoteSession` for whole turns.
+protocol's details, :class:`assistant.server.client.RemoteSession` for whole turns.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from assistant.audio_io import Resampler
-from assistant.client import RemoteSession
+from assistant.server.client import RemoteSession
 from assistant.config import Config, load_config
-from assistant.server import Server
+from assistant.server.server import Server
 from helpers import ASSETS, expected_text, load_pcm, word_error_rate
 
 pytestmark = pytest.mark.slow

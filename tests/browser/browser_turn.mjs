@@ -5,7 +5,7 @@
 //
 // Chromium's fake microphone plays the WAV (looped); the page is opened, Start
 // is clicked, and the script waits until the page shows a final transcript and
-// has played reply audio (window.assistantState, see assistant/web/app.js),
+// has played reply audio (window.assistantState, see assistant/server/web/app.js),
 // then for the turn's metrics, takes a screenshot, presses Stop and prints one
 // JSON object on stdout: {ok, final, reply, playedSamples, voiceToVoiceMs,
 // state, console, elapsedMs}. Exit status: 0 ok, 1 timed out (the JSON says

@@ -31,10 +31,10 @@ import numpy as np
 from pipeline.frames import AudioFrame, ReplyInterrupted, now
 from pipeline.playback import TimelineOutput
 
-from .audio_io import Resampler, read_wav
-from .config import Config
-from .errors import InputError
-from .models import Models
+from ..audio_io import Resampler, read_wav
+from ..config import Config
+from ..errors import InputError
+from ..models import Models
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "audio_assets" / "scenarios"
 
@@ -160,7 +160,7 @@ async def run_scenario(
     models: Models, config: Config, scenario: dict[str, Any], echo: EchoSettings | None
 ) -> ScenarioResult:
     """One scenario through the full pipeline in the simulated room."""
-    from .session import Session
+    from ..session import Session
 
     pcm, rate = read_wav(Path(scenario["path"]))
     if rate != config.audio.input_rate:
@@ -295,7 +295,7 @@ def scenarios_command(args: Any, config: Config) -> int:
     """``voice-assistant scenarios``: run the set, print the table, write JSON."""
     import sys
 
-    from .models import load_models
+    from ..models import load_models
 
     directory = Path(args.dir) if args.dir else SCENARIOS
     scenarios = load_scenarios(directory)

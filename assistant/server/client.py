@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from pipeline.frames import now
 
-from .errors import InputError, UserError
+from ..errors import InputError, UserError
 
 TOKEN_ENV = "VOICE_ASSISTANT_TOKEN"
 FRAME_MS = 20
@@ -290,7 +290,7 @@ def _printer(out: Any = sys.stdout) -> Callable[[dict[str, Any]], None]:
 
 def client(args: argparse.Namespace, max_input_seconds: float) -> int:
     """Stream ``--input`` to the server at real-time pace; save the reply audio."""
-    from .audio_io import decode_file, write_wav
+    from ..audio_io import decode_file, write_wav
 
     url = websocket_url(args.url)
     if args.output and not Path(args.output).parent.exists():

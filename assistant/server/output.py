@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 
 from pipeline.frames import Event, TurnCancelled, now
 
-from .audio_io import Resampler
+from ..audio_io import Resampler
 
 log = logging.getLogger("assistant.server")
 

@@ -92,7 +92,7 @@ def plot_timelines(
     """Write a PNG with one timeline row per turn (and its naive twin under it).
 
     Turn dicts are report turns (``TurnReport.turn_json`` or
-    :func:`assistant.naive.naive_turn`); any milestone may be missing, and
+    :func:`assistant.evaluation.naive.naive_turn`); any milestone may be missing, and
     whatever exists is drawn.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg

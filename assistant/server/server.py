@@ -2,7 +2,7 @@
 
 One port serves three things (docs/protocol.md is the contract):
 
-* ``GET /`` and the browser client's files from ``assistant/web/``;
+* ``GET /`` and the browser client's files from ``assistant/server/web/``;
 * ``GET /healthz``, a JSON status;
 * the websocket endpoint ``/ws``: each connection is one
   :class:`~assistant.session.Session` over the models loaded once per
@@ -16,8 +16,8 @@ serving one session closes that session with 1011 and nothing else. No
 exception ever reaches the websockets library's handler (which would log a
 traceback).
 
-The wire format and its checks live in :mod:`assistant.protocol`; paced
-reply audio in :mod:`assistant.ws_output`. This module is the connection
+The wire format and its checks live in :mod:`assistant.server.protocol`; paced
+reply audio in :mod:`assistant.server.output`. This module is the connection
 lifecycle, the limits, the static files and the process around them.
 """
 
@@ -68,9 +68,9 @@ from pipeline.frames import (
 )
 from pipeline.runtime import Channel
 
-from .audio_io import Resampler
-from .config import Config
-from .errors import UserError
+from ..audio_io import Resampler
+from ..config import Config
+from ..errors import UserError
 from .protocol import (
     ENDINGS,
     PROTOCOL_VERSION,
@@ -80,7 +80,7 @@ from .protocol import (
     SessionStart,
     parse_start,
 )
-from .ws_output import WebSocketOutput
+from .output import WebSocketOutput
 
 log = logging.getLogger("assistant.server")
 
@@ -181,7 +181,7 @@ class _Connection:
             return
         self._start = start
         config = self.config
-        from .session import Session, budgets_of
+        from ..session import Session, budgets_of
 
         self.output = WebSocketOutput(
             self.ws, config.audio.output_rate, start.output_rate, config.server.jitter_buffer_ms / 1000, self.origin
@@ -666,7 +666,7 @@ class Server:
         target = None if bad else (self.web_dir.joinpath(*segments)).resolve()
         if target is None or not target.is_relative_to(self.web_dir) or not target.is_file():
             if relative == "/index.html":
-                return _response(http.HTTPStatus.NOT_FOUND, b"the browser client is not installed (assistant/web)\n")
+                return _response(http.HTTPStatus.NOT_FOUND, b"the browser client is not installed (assistant/server/web)\n")
             return _response(http.HTTPStatus.NOT_FOUND, b"not found\n")
         try:
             body = target.read_bytes()
@@ -722,7 +722,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def serve(args: argparse.Namespace, config: Config) -> int:
     """``voice-assistant serve``: load the models, serve until SIGTERM/SIGINT."""
-    from .models import load_models
+    from ..models import load_models
 
     host = args.host if args.host is not None else config.server.host
     port = args.port if args.port is not None else config.server.port

@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .errors import InputError
+from ..config import Config
+from ..errors import InputError
 from pipeline.runtime import BUDGETED_STAGES
 
-from .session import STAGE_LATENCIES
+from ..session import STAGE_LATENCIES
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".webm"}
 
@@ -89,8 +89,8 @@ def format_table(table: dict[str, dict[str, Any]]) -> str:
 async def run_bench(config: Config, models: Any, files: list[Path]) -> dict[str, Any]:
     from pipeline.playback import TimelineOutput
 
-    from .audio_io import decode_file
-    from .session import Session, file_source
+    from ..audio_io import decode_file
+    from ..session import Session, file_source
 
     decode_ms: list[float] = []
     synth_ms: list[float] = []
@@ -128,7 +128,7 @@ async def run_bench(config: Config, models: Any, files: list[Path]) -> dict[str,
 def bench(args: Any, config: Config) -> int:
     import asyncio
 
-    from .models import load_models
+    from ..models import load_models
 
     files = collect_audio(args.audio)
     for flag in ("json", "plot"):

@@ -33,10 +33,10 @@ from pipeline.runtime import EventBus, PipelineContext, TurnRegistry
 from pipeline.tts import PiperSynthesizer
 from pipeline.vad import VADSettings, VADStage
 
-from .audio_io import Resampler
+from ..audio_io import Resampler
 from .bench import percentile
-from .config import Config
-from .session import file_source
+from ..config import Config
+from ..session import file_source
 
 __all__ = ["NAIVE_MILESTONES", "NAIVE_LATENCIES", "naive_turn", "run_naive", "summarize_latencies"]
 
@@ -69,7 +69,7 @@ _request_ids = itertools.count(1)
 
 def _vad_settings(config: Config, with_silero: bool) -> VADSettings:
     """The product's VAD settings, so both pipelines end turns alike."""
-    from .session import vad_settings
+    from ..session import vad_settings
 
     return vad_settings(config, with_silero)
 
@@ -231,7 +231,7 @@ async def naive_turn(
 def summarize_latencies(
     turns: list[dict[str, Any]], latencies: list[tuple[str, str, str]] = NAIVE_LATENCIES
 ) -> dict[str, dict[str, float]]:
-    """p50/p95/max per latency, like :func:`assistant.bench.summarize`."""
+    """p50/p95/max per latency, like :func:`assistant.evaluation.bench.summarize`."""
     table: dict[str, dict[str, float]] = {}
     for name, _, _ in latencies:
         values = [t["latency_ms"][name] for t in turns if name in t.get("latency_ms", {})]
@@ -247,7 +247,7 @@ def summarize_latencies(
 
 async def run_naive(config: Config, models: Any, files: list[Path]) -> dict[str, Any]:
     """The naive cascade over each file, one warm-up turn excluded (like run_bench)."""
-    from .audio_io import decode_file
+    from ..audio_io import decode_file
 
     def load(path: Path) -> np.ndarray:
         return decode_file(path, config.audio.input_rate, config.audio.max_input_seconds)

@@ -1,0 +1,1 @@
+"""The network face of the assistant: the websocket server, its wire protocol, and a client."""
