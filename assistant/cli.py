@@ -182,6 +182,17 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------
 
 
+def _count_turns(pcm: Any, config: Any) -> int:
+    """The VAD alone over the input (no other model): how many turns it holds."""
+    from pipeline.vad import SileroOpinion, count_turns
+
+    from .session import file_source, vad_settings
+
+    silero = SileroOpinion().max_probability if config.vad.silero.enabled else None
+    frames = file_source(pcm, config.audio.input_rate, config.audio.frame_ms, realtime=False)
+    return asyncio.run(count_turns(frames, vad_settings(config, silero is not None), silero))
+
+
 def converse(args: argparse.Namespace, config: Any) -> int:
     from .audio_io import decode_file
 
@@ -191,9 +202,7 @@ def converse(args: argparse.Namespace, config: Any) -> int:
             raise InputError(f"--{flag}: folder {Path(value).parent} does not exist")
     pcm = decode_file(args.input, config.audio.input_rate, config.audio.max_input_seconds)
     _say(f"input: {args.input}, {len(pcm) / config.audio.input_rate:.1f} s")
-    from .session import count_speech_turns
-
-    if count_speech_turns(pcm, config) == 0:
+    if _count_turns(pcm, config) == 0:
         _say("no speech found in the input: nothing to answer")
         if args.output:
             from .audio_io import write_wav

@@ -5,6 +5,10 @@ a cadence while the user speaks. Words that two consecutive hypotheses agree
 on are *committed* (LocalAgreement-2): they are the stable part of the
 partial transcript and never change again.
 
+The stage only transcribes: what the words mean for the turn (endpointing,
+an early reply, a turn with no words) is the turn controller's call
+(:mod:`pipeline.turns`).
+
 The final transcript reuses that work instead of starting from scratch:
 
 1. When the VAD reports a pause (:class:`SpeechPaused`, ~120 ms after the
@@ -39,9 +43,9 @@ from .frames import (
     SpeechStarted,
     SpeechStopped,
     StageError,
+    TranscriptEmpty,
     TranscriptFinal,
     TranscriptPartial,
-    now,
 )
 from .runtime import PipelineContext, Stage, run_blocking
 
@@ -201,7 +205,6 @@ class _Utterance:
     last_decode_started: float = 0.0
     decodes: int = 0
     paused_at_voiced: float | None = None  # last voiced stamp while paused
-    early_text: str | None = None  # transcript sent speculatively at the pause
 
     def add(self, frame: AudioFrame) -> None:
         self.chunks.append(frame.pcm)
@@ -230,12 +233,8 @@ class ASRStage(Stage):
         partial_interval_ms: int = 450,
         min_partial_audio_ms: int = 400,
         clock: Callable[[], float] = time.monotonic,
-        final_at_pause: bool = False,
-        endpoint: Any = None,
     ) -> None:
         super().__init__(ctx)
-        self._final_at_pause = final_at_pause
-        self._endpoint = endpoint  # vad.EndpointRule, or None for silence alone
         self._transcribe = transcriber
         self._executor = executor
         self._rate = sample_rate
@@ -245,7 +244,6 @@ class ASRStage(Stage):
         self._utt: _Utterance | None = None
         self._final_chain: asyncio.Task[None] | None = None
         self._finalizing: dict[int, _Utterance] = {}
-        self._early_sends: set[asyncio.Task[None]] = set()
         self._forced: dict[int, asyncio.Event] = {}
         self.decode_ms: list[float] = []
 
@@ -270,9 +268,6 @@ class ASRStage(Stage):
             utt = self._utt
             if utt is not None and item.turn_id == utt.turn_id:
                 utt.paused_at_voiced = None
-                if utt.early_text is not None:
-                    utt.early_text = None
-                    self.ctx.turns.cancel_reply(utt.turn_id, "the user went on speaking")
         elif isinstance(item, SpeechPaused):
             utt = self._utt
             if utt is not None and item.turn_id == utt.turn_id:
@@ -331,34 +326,17 @@ class ASRStage(Stage):
         if agreed > n and agreed_prefix(utt.committed, words) == n:
             utt.committed = utt.committed + words[n:agreed]
         utt.previous = words
-        if self._utt is utt:  # still speaking: tell observers
-            stable = " ".join(utt.committed)
-            unstable = " ".join(words[len(utt.committed) :])
-            self.publish(TranscriptPartial(turn_id=utt.turn_id, stable=stable, unstable=unstable))
+        if self._utt is utt:  # still speaking: tell the turn controller
             paused = utt.paused_at_voiced
-            heard_all = paused is not None and decode.audio_end_at >= paused
-            unfinished = False
-            if heard_all and self._endpoint is not None:
-                hint = self._endpoint.silence_ms(text)
-                if hint is not None:
-                    # Tell the VAD how long this pause must last to end the turn.
-                    self.ctx.endpoint_hints[utt.turn_id] = hint
-                unfinished = self._endpoint.classify(text) == "unfinished"
-            if (
-                self._final_at_pause
-                and heard_all
-                and not unfinished
-                and utt.early_text is None
-                and _has_words(text)
-            ):
-                # The user paused and this decode heard all they said: start
-                # the reply now, during the hangover (playback waits for the
-                # end of the turn; a resumption throws the reply away).
-                utt.early_text = text
-                early = TranscriptFinal(turn_id=utt.turn_id, text=text, reused=True, speculative=True)
-                task = asyncio.create_task(self.send(early))
-                self._early_sends.add(task)
-                task.add_done_callback(self._early_sends.discard)
+            self.publish(
+                TranscriptPartial(
+                    turn_id=utt.turn_id,
+                    stable=" ".join(utt.committed),
+                    unstable=" ".join(words[len(utt.committed) :]),
+                    # This decode heard all the user said before the pause.
+                    covers_pause=paused is not None and decode.audio_end_at >= paused,
+                )
+            )
 
     def force_final(self, turn_id: int) -> bool:
         """Budget policy: finish the turn now with the latest transcript.
@@ -368,7 +346,7 @@ class ASRStage(Stage):
         """
         self._forced.setdefault(turn_id, asyncio.Event()).set()
         utt = self._finalizing.get(turn_id)
-        return utt is not None and _has_words(utt.latest_text or "")
+        return utt is not None and has_words(utt.latest_text or "")
 
     async def _finalize(self, utt: _Utterance, stopped: SpeechStopped, previous: asyncio.Task[None] | None) -> None:
         if previous is not None and not previous.done():
@@ -384,7 +362,7 @@ class ASRStage(Stage):
             # a stale one (an early half-second) would answer the wrong question.
             fresh = utt.latest_covers >= stopped.last_voiced_at - self.stale_partial_s
             fallback = utt.latest_text if fresh else None
-            if work not in done and fallback and _has_words(fallback):
+            if work not in done and fallback and has_words(fallback):
                 text, reused, was_forced = fallback, True, True
             else:
                 (text, reused), was_forced = await work, False
@@ -400,16 +378,12 @@ class ASRStage(Stage):
             self._forced.pop(utt.turn_id, None)
         text = text.strip()
         decode_ms = (time.perf_counter() - started) * 1000
-        if not _has_words(text):
-            self.ctx.cancel_turn(utt.turn_id, "no words recognized")
+        if not has_words(text):
+            self.publish(TranscriptEmpty(turn_id=utt.turn_id))
             return
-        final = TranscriptFinal(turn_id=utt.turn_id, text=text, reused=reused, forced=was_forced, decode_ms=decode_ms)
-        if utt.early_text is not None:
-            if [_norm(w) for w in utt.early_text.split()] == [_norm(w) for w in text.split()]:
-                self.publish(final)  # confirms the reply already under way
-                return
-            self.ctx.turns.cancel_reply(utt.turn_id, "the final transcript differs from the pause's")
-        await self.send(final)
+        self.publish(
+            TranscriptFinal(turn_id=utt.turn_id, text=text, reused=reused, forced=was_forced, decode_ms=decode_ms)
+        )
 
     async def _final_text(self, utt: _Utterance, stopped: SpeechStopped) -> tuple[str, bool]:
         latest = utt.latest
@@ -430,5 +404,6 @@ class ASRStage(Stage):
             await asyncio.wait({self._final_chain})
 
 
-def _has_words(text: str) -> bool:
+def has_words(text: str) -> bool:
+    """Whether a transcript holds any word at all (not just punctuation)."""
     return any(ch.isalnum() for ch in text)

@@ -31,6 +31,8 @@ __all__ = [
     "SpeechStopped",
     "TranscriptPartial",
     "TranscriptFinal",
+    "TranscriptEmpty",
+    "ReplyRequest",
     "LLMToken",
     "LLMDone",
     "TextChunk",
@@ -95,6 +97,16 @@ class TTSAudio:
     sample_rate: int
     chunk_index: int
     at: float = field(default_factory=now)
+
+
+@dataclass(slots=True)
+class ReplyRequest:
+    """A command from the turn controller to the language model stage:
+    answer this turn (the prompt is read from the conversation history when
+    the stage starts on it, so it includes the replies written before)."""
+
+    turn_id: int
+    text: str
 
 
 # --------------------------------------------------------------------------
@@ -166,6 +178,9 @@ class TranscriptPartial(Event):
 
     stable: str
     unstable: str
+    # The decode heard everything up to the pause the user is in: the turn
+    # controller reads these words for endpointing and an early reply.
+    covers_pause: bool = False
 
     @property
     def text(self) -> str:
@@ -191,6 +206,11 @@ class TranscriptFinal(Event):
     forced: bool = False  # committed early by the ASR budget's policy
     speculative: bool = False  # sent at the pause, before the turn ended
     decode_ms: float = 0.0
+
+
+@dataclass(slots=True, kw_only=True)
+class TranscriptEmpty(Event):
+    """Recognition heard no words in the turn (a cough, a knock, noise)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -324,6 +344,7 @@ _KINDS: dict[type, str] = {
     SpeechStopped: "speech.stopped",
     TranscriptPartial: "transcript.partial",
     TranscriptFinal: "transcript.final",
+    TranscriptEmpty: "transcript.empty",
     LLMToken: "response.token",
     LLMDone: "response.text_done",
     TextChunk: "response.chunk",
@@ -349,4 +370,4 @@ class EndOfStream:
 
 END = EndOfStream()
 
-Frame = AudioFrame | TTSAudio | Event | EndOfStream
+Frame = AudioFrame | TTSAudio | ReplyRequest | Event | EndOfStream

@@ -6,7 +6,9 @@ An :class:`AudioOutput` is where reply audio goes: a live speaker, or a
 sample of a reply plays (:class:`ReplyAudioStarted`, the end point of voice
 to voice latency) and, after the last one, :class:`ReplyAudioEnded` and
 :class:`TurnCompleted`. Cancelling a turn clears its audio from the output
-at once.
+at once. When a reply may start is not this stage's decision: it waits on
+the turn controller's gate (:class:`ReplyGate`) before a reply's first
+sample.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from .frames import (
     now,
 )
 from .runtime import PipelineContext, Stage
-from .turntaking import Floor
+
+
+class ReplyGate(Protocol):
+    async def wait_to_play(self, turn_id: int) -> None:
+        """Return once the turn's reply may start playing."""
+        ...
 
 
 class AudioOutput(Protocol):
@@ -155,13 +162,11 @@ class PlaybackStage(Stage):
     name = "playback"
     scope = "reply"
 
-    def __init__(self, ctx: PipelineContext, output: AudioOutput, floor: Floor | None = None) -> None:
+    def __init__(self, ctx: PipelineContext, output: AudioOutput, gate: ReplyGate | None = None) -> None:
         super().__init__(ctx)
         self.output = output
-        self.floor = floor
+        self.gate = gate  # the turn controller: when a reply may start
         self._started: dict[int, int] = {}
-        self._ended: set[int] = set()
-        self._gates: dict[int, asyncio.Event] = {}
         # What each turn's audio says, to cut the history where playback
         # stopped: chunk texts by index, and (start sample, end sample,
         # chunk index or None for a canned phrase) per piece written.
@@ -170,40 +175,23 @@ class PlaybackStage(Stage):
         ctx.bus.subscribe(self._observe)
 
     def _observe(self, event: Event) -> None:
-        """Open a turn's gate when the user's speech has really ended."""
+        """Remember what each chunk says, to cut the history where playback stops."""
         turn_id = event.turn_id
         if turn_id is None:
             return
         if isinstance(event, TextChunk):
             self._texts.setdefault(turn_id, {})[event.index] = event.text
-        elif isinstance(event, SpeechStopped):
-            self._ended.add(turn_id)
-            if len(self._ended) > 256:
-                self._ended = set(sorted(self._ended)[-128:])
-            gate = self._gates.pop(turn_id, None)
-            if gate is not None:
-                gate.set()
         elif isinstance(event, (TurnCancelled, TurnCompleted)):
-            self._gates.pop(turn_id, None)
             self._texts.pop(turn_id, None)
             self._pieces.pop(turn_id, None)
         elif isinstance(event, ReplyCancelled):
             self._texts.pop(turn_id, None)
 
-    async def _user_done(self, turn_id: int) -> None:
-        """Never talk over the user: a reply waits for the end of its own
-        turn (it may have started early, at a pause) and, before its first
-        sample, for any newer user turn to resolve (see turntaking)."""
-        if turn_id not in self._ended:
-            gate = self._gates.setdefault(turn_id, asyncio.Event())
-            await gate.wait()
-        if self.floor is not None and turn_id not in self._started:
-            await self.floor.wait_clear_for(turn_id)
-
     async def handle(self, item: Any) -> None:
         if isinstance(item, TTSAudio):
             turn_id = item.turn_id
-            await self._user_done(turn_id)
+            if self.gate is not None and turn_id not in self._started:
+                await self.gate.wait_to_play(turn_id)
             at, position = self.output.write(turn_id, item.pcm)
             self._note_piece(turn_id, len(item.pcm), item.chunk_index)
             if turn_id not in self._started:

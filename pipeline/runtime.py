@@ -2,8 +2,10 @@
 
 Stages never talk to each other directly. Each stage is a task that reads
 from one bounded :class:`Channel` and writes to the next, and publishes the
-events it produces on the :class:`EventBus` for observers (reports, the
-websocket bridge, logs). Everything about *turns* lives here too:
+events it produces on the :class:`EventBus`, which hands each one first to
+the turn controller (:mod:`pipeline.turns`, where every decision about turns
+is taken) and then to observers (reports, the websocket bridge, logs). The
+plumbing of turns lives here:
 
 * :class:`TurnRegistry` hands out turn ids and knows which are cancelled.
 * :meth:`Turn.cancel` is the one place a turn is cancelled: it cancels the
@@ -58,16 +60,50 @@ T = TypeVar("T")
 
 
 class EventBus:
-    """Fan-out of events to observers. Observers must be quick and not block."""
+    """Every event, first to the turn controller, then to the observers.
+
+    The controller (:meth:`route_to`) is the one party that *decides* on
+    events (see :mod:`pipeline.turns`); observers (reports, the websocket
+    bridge, logs, the budget watchdog) only watch, and must be quick and not
+    block. An event published while another is being handed out (a
+    decision's own events: an interruption, a cancelled turn) waits until
+    that one has reached everybody, so observers always see events in cause
+    order.
+    """
 
     def __init__(self) -> None:
         self._subscribers: list[Callable[[Event], None]] = []
+        self._controller: Callable[[Event], None] | None = None
+        self._pending: deque[Event] = deque()
+        self._dispatching = False
+
+    def route_to(self, controller: Callable[[Event], None]) -> None:
+        """Hand every event to ``controller`` before any observer."""
+        if self._controller is not None:
+            raise RuntimeError("the bus already has a turn controller")
+        self._controller = controller
 
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback)
 
     def publish(self, event: Event) -> None:
+        self._pending.append(event)
+        if self._dispatching:
+            return
+        self._dispatching = True
+        try:
+            while self._pending:
+                self._dispatch(self._pending.popleft())
+        finally:
+            self._dispatching = False
+
+    def _dispatch(self, event: Event) -> None:
+        if self._controller is not None:
+            try:
+                self._controller(event)
+            except Exception:  # a failed decision must not take the session down
+                log.exception("turn controller failed on %s", event.kind)
         for callback in list(self._subscribers):
             try:
                 callback(event)
@@ -267,9 +303,6 @@ class PipelineContext:
 
     bus: EventBus
     turns: TurnRegistry
-    # Silence (ms) that ends a given turn, when recognition has read the
-    # words so far (see vad.EndpointRule): set by ASR, read by the VAD.
-    endpoint_hints: dict[int, int] = field(default_factory=dict)
 
     def cancel_turn(self, turn_id: int, reason: str) -> bool:
         return self.turns.cancel(turn_id, reason)
@@ -427,17 +460,17 @@ class Watchdog:
     When a stage's starting milestone is reached a timer is armed for its
     deadline (``loop.call_at`` on the monotonic clock every stamp uses);
     reaching the ending milestone disarms it. If the timer fires, the stage
-    is late *now*: a :class:`BudgetExceeded` event is published, the
-    stage's counter goes up, and ``act`` runs the configured policy.
+    is late *now*: a :class:`BudgetExceeded` event is published (the turn
+    controller applies the configured policy as it hears it) and the
+    stage's counter goes up.
     """
 
-    def __init__(self, bus: EventBus, budgets: list[Budget], act: Callable[[BudgetExceeded], None]) -> None:
+    def __init__(self, bus: EventBus, budgets: list[Budget]) -> None:
         unknown = [b.stage for b in budgets if b.stage not in BUDGETED_STAGES]
         if unknown:
             raise ValueError(f"no such budgeted stage: {', '.join(unknown)}")
         self._bus = bus
         self._budgets = {b.stage: b for b in budgets}
-        self._act = act
         self._stamps: dict[int, dict[str, float]] = {}
         self._timers: dict[tuple[int, str], asyncio.TimerHandle] = {}
         self.results: dict[int, dict[str, dict[str, Any]]] = {}
@@ -516,10 +549,6 @@ class Watchdog:
         )
         log.info("turn %d: %s over budget (%.0f ms > %.0f ms), policy %s", turn_id, stage, elapsed_ms, budget.ms, budget.policy)
         self._bus.publish(event)
-        try:
-            self._act(event)
-        except Exception:
-            log.exception("budget policy %s for %s failed", budget.policy, stage)
 
     def close(self) -> None:
         for timer in self._timers.values():

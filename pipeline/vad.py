@@ -9,78 +9,29 @@ the turn is open every frame goes downstream tagged with the turn id. After
 ``pause_ms`` of silence the VAD announces :class:`SpeechPaused` (recognition
 starts decoding the complete utterance then), and after ``silence_ms`` of
 silence :class:`SpeechStopped` closes the turn.
+
+The VAD is a detector: it measures, it does not decide. The turn controller
+(:mod:`pipeline.turns`) tells it how much silence ends the current pause
+(:meth:`VADStage.require_silence`, from the words heard) and whether the
+assistant is speaking (:meth:`VADStage.set_assistant_speaking`: the stricter
+barge-in onset applies then); whether an onset interrupts the reply is the
+controller's call.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from .frames import AudioFrame, SpeechPaused, SpeechResumed, SpeechStarted, SpeechStopped
 from .runtime import PipelineContext, Stage
-from .turntaking import Floor
 
 log = logging.getLogger("pipeline.vad")
-
-
-# Words a finished sentence does not end with.
-_CONNECTORS = frozenset(
-    """a an the and or but nor to of in on at by for with about from into onto than as
-    my your his her its our their if because although though while until unless whether
-    um uh er erm hmm""".split()
-)
-# Words that end an unfinished statement ("what I want is ...") but also
-# finished questions ("how many legs does a spider have?").
-_AUXILIARIES = frozenset(
-    """is are was were be been am can could would should will shall may might must
-    do does did have has had not very like that which who what""".split()
-)
-
-
-@dataclass(frozen=True)
-class EndpointRule:
-    """How long a pause ends the turn, from the words heard so far.
-
-    A pause after a complete question or sentence (ends in ``?``, ``!`` or
-    ``.`` and the last word does not leave it hanging) ends the turn after
-    ``complete_ms`` of silence; a pause after an unfinished phrase ("I want
-    to go to ...": a trailing article, preposition or conjunction, a comma or
-    dash, or an auxiliary such as *is* outside a question) waits
-    ``incomplete_ms``; anything else waits the VAD's own ``silence_ms``.
-    """
-
-    complete_ms: int = 300
-    incomplete_ms: int = 1000
-
-    def classify(self, text: str) -> Literal["complete", "unfinished"] | None:
-        """Whether the words so far read as a finished turn (None: can't tell)."""
-        stripped = text.strip()
-        if not stripped:
-            return None
-        words = stripped.split()
-        last = "".join(ch for ch in words[-1].lower() if ch.isalnum() or ch == "'")
-        question = stripped.endswith("?")
-        if (
-            stripped.endswith((",", "-", "—", "...", "…"))
-            or last in _CONNECTORS
-            or (last in _AUXILIARIES and not question)
-        ):
-            return "unfinished"
-        if stripped.endswith(("?", "!", ".")):
-            return "complete"
-        return None
-
-    def silence_ms(self, text: str) -> int | None:
-        """The silence that ends the turn after ``text`` (None: the VAD's own)."""
-        kind = self.classify(text)
-        if kind is None:
-            return None
-        return self.complete_ms if kind == "complete" else self.incomplete_ms
 
 
 @dataclass(frozen=True)
@@ -176,7 +127,6 @@ class VADStage(Stage):
         settings: VADSettings,
         classifier: FrameClassifier | None = None,
         silero: Callable[[np.ndarray], float | np.ndarray] | None = None,
-        floor: Floor | None = None,
     ) -> None:
         super().__init__(ctx)
         if classifier is None:
@@ -186,7 +136,8 @@ class VADStage(Stage):
         self.settings = settings
         self._classifier = classifier
         self._silero = silero
-        self.floor = floor
+        self.assistant_speaking = False  # set by the turn controller
+        self._required_silence: int | None = None  # this pause's, from the words
         frame_ms = settings.frame_ms
         self._preroll_frames = max(0, settings.preroll_ms // frame_ms)
         # Onset rules: (voiced frames needed, window in frames, Silero
@@ -212,6 +163,18 @@ class VADStage(Stage):
     @property
     def in_speech(self) -> bool:
         return self._turn_id is not None
+
+    # ---- commands from the turn controller -------------------------------
+
+    def require_silence(self, turn_id: int, silence_ms: int) -> None:
+        """End this pause of ``turn_id`` after ``silence_ms`` instead of the
+        default (until the voice comes back)."""
+        if turn_id == self._turn_id:
+            self._required_silence = silence_ms
+
+    def set_assistant_speaking(self, speaking: bool) -> None:
+        """Reply audio is playing: onsets need the barge-in thresholds."""
+        self.assistant_speaking = speaking
 
     async def handle(self, item: Any) -> None:
         if not isinstance(item, AudioFrame):
@@ -239,7 +202,7 @@ class VADStage(Stage):
 
     async def _idle(self, frame: AudioFrame, voiced: bool) -> None:
         self._recent.append((frame, voiced))
-        barge = self.floor is not None and self.floor.assistant_speaking
+        barge = self.assistant_speaking
         if barge and not self.settings.barge_in:
             return  # half duplex: the assistant has the floor
         self._rule = self._barge if barge else self._normal
@@ -315,6 +278,7 @@ class VADStage(Stage):
         self._last_voiced = preroll[-1]
         self._silence_ms = 0
         self._paused = False
+        self._required_silence = None
         self._opened_at_position = preroll[0].position
         for f in preroll:
             f.turn_id = turn.id
@@ -336,7 +300,7 @@ class VADStage(Stage):
         if voiced:
             self._last_voiced = frame
             self._silence_ms = 0
-            self.ctx.endpoint_hints.pop(self._turn_id, None)  # the words go on
+            self._required_silence = None  # the words go on: a new pause, a new reading
             if self._paused:
                 self._paused = False
                 await self.send(SpeechResumed(turn_id=self._turn_id))
@@ -347,14 +311,14 @@ class VADStage(Stage):
             self._paused = True
             await self.send(SpeechPaused(turn_id=self._turn_id, last_voiced_at=self._last_voiced.captured_at))
         too_long = (frame.end_position - self._opened_at_position) / frame.sample_rate >= s.max_utterance_s
-        required = self.ctx.endpoint_hints.get(self._turn_id, s.silence_ms)
+        required = s.silence_ms if self._required_silence is None else self._required_silence
         if self._silence_ms >= required or too_long:
             await self._close()
 
     async def _close(self) -> None:
         assert self._turn_id is not None and self._last_voiced is not None
         turn_id, last = self._turn_id, self._last_voiced
-        self.ctx.endpoint_hints.pop(turn_id, None)
+        self._required_silence = None
         self._turn_id = None
         self._last_voiced = None
         await self.send(
@@ -364,3 +328,25 @@ class VADStage(Stage):
     async def finish(self) -> None:
         if self._turn_id is not None:
             await self._close()
+
+
+async def count_turns(
+    frames: AsyncIterator[AudioFrame],
+    settings: VADSettings,
+    silero: Callable[[np.ndarray], float | np.ndarray] | None = None,
+) -> int:
+    """How many user turns the VAD alone finds in some audio.
+
+    ``converse`` uses it to answer an input that holds only silence or noise
+    at once, without loading the language model.
+    """
+    from .runtime import EventBus, TurnRegistry
+
+    bus = EventBus()
+    vad = VADStage(PipelineContext(bus=bus, turns=TurnRegistry(bus)), settings, silero=silero)
+    starts: list[SpeechStarted] = []
+    bus.subscribe(lambda e: starts.append(e) if isinstance(e, SpeechStarted) else None)
+    async for frame in frames:
+        await vad.handle(frame)
+    await vad.finish()
+    return len(starts)

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from fakes import context
 from pipeline.chunker import ChunkerStage, Segmenter, clean_text
 from pipeline.frames import END, EndOfStream, LLMDone, LLMToken, TextChunk, TranscriptFinal
-from pipeline.runtime import Channel, EventBus, PipelineContext, TurnRegistry
+from pipeline.runtime import Channel, PipelineContext
 
 
 def chunks_of(text: str, pieces: list[str] | None = None, **limits: int) -> list[str]:
@@ -389,8 +390,7 @@ def test_push_is_fast_per_token() -> None:
 
 
 def _context() -> PipelineContext:
-    bus = EventBus()
-    return PipelineContext(bus=bus, turns=TurnRegistry(bus))
+    return context()[0]
 
 
 def _stage(ctx: PipelineContext, **limits: int) -> tuple[ChunkerStage, Channel[Any]]:

@@ -7,17 +7,20 @@ path is in test_end_to_end.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import numpy as np
 
-from pipeline.asr import ASRStage
-from pipeline.chunker import ChunkerStage
+from pipeline.builder import (
+    ASRSettings,
+    ChunkerSettings,
+    Components,
+    HistorySettings,
+    PipelineSettings,
+    build_pipeline,
+)
 from pipeline.frames import (
     END,
     AudioFrame,
-    Event,
     ReplyAudioStarted,
     ReplyCancelled,
     SpeechPaused,
@@ -27,79 +30,41 @@ from pipeline.frames import (
     TranscriptFinal,
     now,
 )
-from pipeline.llm import Conversation, LLMStage
-from pipeline.playback import PlaybackStage, TimelineOutput
-from pipeline.runtime import EventBus, PipelineContext, TurnRegistry, connect, run_stages
-from pipeline.tts import TTSStage
+from pipeline.playback import TimelineOutput
+from pipeline.runtime import run_stages
+from pipeline.turns import TurnSettings
 
-
-class FakeTranscriber:
-    """Says how much audio it heard."""
-
-    def __call__(self, audio: np.ndarray) -> str:
-        return f"heard {round(len(audio) / 16000, 1)} seconds"
-
-
-class FakeLLM:
-    def __init__(self) -> None:
-        self.live: set[str] = set()
-        self.aborted: list[str] = []
-
-    async def stream(self, messages: list[dict[str, str]], request_id: str) -> AsyncIterator[tuple[str, str | None]]:
-        self.live.add(request_id)
-        try:
-            for word in ["You", " said", " it,", " and", " here", " is", " my", " answer."]:
-                await asyncio.sleep(0.02)
-                yield word, None
-            yield "", "stop"
-        finally:
-            self.live.discard(request_id)
-
-    async def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-
-class FakeVoice:
-    sample_rate = 16000
-
-    def synthesize(self, text: str) -> Iterator[np.ndarray]:
-        yield np.full(1600, 1000, np.int16)
-
-
-class Identity:
-    def __init__(self, a: int, b: int) -> None:
-        pass
-
-    def process(self, pcm: np.ndarray) -> np.ndarray:
-        return pcm
-
-    def flush(self) -> np.ndarray:
-        return np.zeros(0, np.int16)
+from fakes import FakeLLM, FakeTranscriber, FakeVoice, context
 
 
 def test_resumed_speech_drops_the_early_reply_and_answers_the_whole_turn() -> None:
     async def main() -> None:
-        bus = EventBus()
-        events: list[Event] = []
-        bus.subscribe(events.append)
-        ctx = PipelineContext(bus=bus, turns=TurnRegistry(bus))
+        ctx, events = context()
+        bus = ctx.bus
         llm = FakeLLM()
-        conversation = Conversation("sys", 500, llm.count_tokens)
         output = TimelineOutput(16000, 16000)
-        bus.subscribe(output.observe)
-        stages = [
-            ASRStage(ctx, FakeTranscriber(), None, partial_interval_ms=10_000, final_at_pause=True),
-            LLMStage(ctx, llm, conversation, "t"),
-            ChunkerStage(ctx, first_min_words=2),
-            TTSStage(ctx, FakeVoice(), None, 16000, Identity),
-            PlaybackStage(ctx, output),
-        ]
-        connect(ctx, stages)
+        settings = PipelineSettings(
+            asr=ASRSettings(partial_interval_ms=10_000),
+            chunker=ChunkerSettings(first_min_words=2),
+            output_rate=16000,
+            history=HistorySettings("sys", 500),
+            turns=TurnSettings(early_reply=True),
+        )
+        components = Components(transcriber=FakeTranscriber(), llm=llm, synthesizer=FakeVoice())
+        pipeline = build_pipeline(components, settings, output, "t", bus=bus)
+        conversation = pipeline.conversation
+        ctx = pipeline.ctx
+        # Speech events come in straight at ASR (no VAD here), as the VAD
+        # would send them; the controller hears them on the bus.
+        stages = pipeline.stages[1:]
         runner = asyncio.create_task(run_stages(stages))
-        asr = stages[0]
+        asr = pipeline.asr
+
+        async def put(item: object) -> None:
+            if not isinstance(item, AudioFrame):
+                bus.publish(item)  # what the VAD's send() does
+            await asr.inbox.put(item)
+
         turn = ctx.turns.new()
         position = 0
 
@@ -108,24 +73,23 @@ def test_resumed_speech_drops_the_early_reply_and_answers_the_whole_turn() -> No
             stamp = now()
             for _ in range(int(seconds * 50)):
                 stamp = now()
-                await asr.inbox.put(AudioFrame(np.ones(320, np.int16), 16000, stamp, position, turn.id))
+                await put(AudioFrame(np.ones(320, np.int16), 16000, stamp, position, turn.id))
                 position += 320
             return stamp
 
-        await asr.inbox.put(SpeechStarted(turn_id=turn.id, onset_at=now(), onset_position=0))
+        await put(SpeechStarted(turn_id=turn.id, onset_at=now(), onset_position=0))
         last = await speak(1.0)
-        await asr.inbox.put(SpeechPaused(turn_id=turn.id, last_voiced_at=last))
+        await put(SpeechPaused(turn_id=turn.id, last_voiced_at=last))
         await asyncio.sleep(0.1)  # the pause decode ends, the early reply starts
         assert any(isinstance(e, TranscriptFinal) and e.speculative for e in events)
         assert not any(isinstance(e, ReplyAudioStarted) for e in events)  # held: the user may go on
-        await asr.inbox.put(SpeechResumed(turn_id=turn.id))
+        await put(SpeechResumed(turn_id=turn.id))
         last = await speak(1.0)
-        await asr.inbox.put(SpeechPaused(turn_id=turn.id, last_voiced_at=last))
+        await put(SpeechPaused(turn_id=turn.id, last_voiced_at=last))
         await asyncio.sleep(0.05)
         stopped_at = now()
         stop = SpeechStopped(turn_id=turn.id, last_voiced_at=last, last_voiced_position=position)
-        bus.publish(stop)  # as the VAD does: it opens the playback gate
-        await asr.inbox.put(stop)
+        await put(stop)  # the controller opens the playback gate
         await asr.inbox.put(END)
         await asyncio.wait_for(runner, 5)
 

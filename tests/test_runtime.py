@@ -5,15 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from pipeline.frames import END, Event, LLMToken, StageError, TurnCancelled
-from pipeline.runtime import Channel, EventBus, PipelineContext, Stage, TurnRegistry, connect, run_stages
+from pipeline.frames import END, LLMToken, StageError, TurnCancelled
+from pipeline.runtime import Channel, PipelineContext, Stage, connect, run_stages
 
 
-def make_ctx() -> tuple[PipelineContext, list[Event]]:
-    bus = EventBus()
-    events: list[Event] = []
-    bus.subscribe(events.append)
-    return PipelineContext(bus=bus, turns=TurnRegistry(bus)), events
+from fakes import context as make_ctx
 
 
 def test_channel_is_fifo_bounded_and_drops_a_turn() -> None:
@@ -98,7 +94,7 @@ def test_a_failing_turn_becomes_an_error_event_and_the_stage_goes_on() -> None:
 
 
 def test_endpoint_rule_reads_the_words() -> None:
-    from pipeline.vad import EndpointRule
+    from pipeline.turns import EndpointRule
 
     rule = EndpointRule(complete_ms=300, incomplete_ms=1000)
     assert rule.silence_ms("What is the capital of France?") == 300

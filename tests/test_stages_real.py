@@ -8,12 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from assistant.audio_io import Resampler
 from assistant.session import file_source
 from pipeline.asr import ASRStage, WhisperTranscriber
 from pipeline.frames import (
     END,
-    Event,
     LLMDone,
     LLMToken,
     SpeechPaused,
@@ -25,21 +23,16 @@ from pipeline.frames import (
     TTSAudio,
     TTSDone,
 )
-from pipeline.llm import Conversation, LLMStage
-from pipeline.runtime import Channel, EventBus, PipelineContext, Stage, TurnRegistry, connect, run_stages
+from pipeline.llm import LLMStage
+from pipeline.turns import Conversation, Stages, TurnController, TurnSettings
+from pipeline.runtime import Channel, PipelineContext, Stage, connect, run_stages
 from pipeline.tts import PiperSynthesizer, TTSStage
 from pipeline.vad import SileroOpinion, VADSettings, VADStage
 
+from fakes import context
 from helpers import ASSETS, expected_text, load_pcm, question_files, word_error_rate, words
 
 pytestmark = pytest.mark.slow
-
-
-def context() -> tuple[PipelineContext, list[Event]]:
-    bus = EventBus()
-    events: list[Event] = []
-    bus.subscribe(events.append)
-    return PipelineContext(bus=bus, turns=TurnRegistry(bus)), events
 
 
 async def drive(stages: list[Stage], items: list[Any]) -> list[Any]:
@@ -176,7 +169,10 @@ def test_llm_streams_a_spoken_style_answer(models: Any, config: Any, run: Any) -
     conversation = Conversation(config.llm.system_prompt, config.llm.history_tokens, models.llm.count_tokens)
     turn = ctx.turns.new()
     stage = LLMStage(ctx, models.llm, conversation, "test")
-    out = run(drive([stage], [TranscriptFinal(turn_id=turn.id, text="What is the capital of France?")]))
+    # The turn controller opens the exchange, asks for the reply and keeps it.
+    TurnController(ctx, conversation, TurnSettings(), Stages(llm=stage))
+    ctx.bus.publish(TranscriptFinal(turn_id=turn.id, text="What is the capital of France?"))
+    out = run(drive([stage], []))
     tokens = [o for o in events if isinstance(o, LLMToken)]
     done = [o for o in out if isinstance(o, LLMDone)]
     assert len(tokens) >= 2 and len(done) == 1
@@ -189,8 +185,9 @@ def test_llm_streams_a_spoken_style_answer(models: Any, config: Any, run: Any) -
 def test_conversation_history_stays_within_its_token_budget(models: Any) -> None:
     conversation = Conversation("Be brief.", budget=60, count_tokens=models.llm.count_tokens)
     for i in range(20):
-        conversation.add_user(f"Question number {i} about something rather long and wordy?")
-        conversation.add_assistant(f"Answer number {i}, which is also not short at all.")
+        conversation.open(i, f"Question number {i} about something rather long and wordy?")
+        conversation.draft(i, f"Answer number {i}, which is also not short at all.")
+        conversation.commit(i)
     messages = conversation.messages()
     assert messages[0] == {"role": "system", "content": "Be brief."}
     assert messages[1]["role"] == "user" and "19" in messages[-1]["content"]
@@ -201,7 +198,7 @@ def test_conversation_history_stays_within_its_token_budget(models: Any) -> None
 def test_tts_speaks_each_chunk_at_the_output_rate(models: Any, config: Any, run: Any) -> None:
     ctx, events = context()
     turn = ctx.turns.new()
-    stage = TTSStage(ctx, PiperSynthesizer(models.piper), models.tts_executor, 16000, Resampler)
+    stage = TTSStage(ctx, PiperSynthesizer(models.piper), models.tts_executor, 16000)
     chunks = [
         TextChunk(turn_id=turn.id, text="The capital of France is Paris,", index=0),
         TextChunk(turn_id=turn.id, text="a city of lights.", index=1, last=True),

@@ -1,7 +1,8 @@
-"""Turn-taking rules, on the plumbing alone (no models): barge-in cuts the
-reply at the played position and the history with it; a reply waits while
-the user speaks again, is superseded if the new turn has words and plays if
-it was noise; the VAD's stricter barge-in onset rejects blips and quiet sound.
+"""Turn-taking rules of the turn controller, on the plumbing alone (no
+models): barge-in cuts the reply at the played position and the history
+with it; a reply waits while the user speaks again, is superseded if the new
+turn has words and plays if it was noise; the VAD's stricter barge-in onset
+(set by the controller while a reply plays) rejects blips and quiet sound.
 
 The same rules run with the real models in test_scenarios.py.
 """
@@ -16,7 +17,7 @@ import numpy as np
 
 from pipeline.frames import (
     AudioFrame,
-    Event,
+    LLMDone,
     ReplyInterrupted,
     SpeechStarted,
     SpeechStopped,
@@ -26,37 +27,36 @@ from pipeline.frames import (
     TurnCancelled,
     now,
 )
-from pipeline.llm import Conversation
 from pipeline.playback import PlaybackStage, TimelineOutput
-from pipeline.runtime import EventBus, PipelineContext, TurnRegistry
-from pipeline.turntaking import Floor, TurnTaking
+from pipeline.turns import Conversation, Stages, TurnController, TurnSettings
 from pipeline.vad import VADSettings, VADStage
+
+from fakes import ScriptedClassifier, context
 
 RATE = 16000
 
 
 class Rig:
-    """A bus, a floor, a playback stage on a virtual timeline, the rules."""
+    """A bus, a playback stage on a virtual timeline, the turn controller."""
 
     def __init__(self) -> None:
-        bus = EventBus()
-        self.ctx = PipelineContext(bus=bus, turns=TurnRegistry(bus))
-        self.events: list[Event] = []
-        bus.subscribe(self.events.append)
-        self.floor = Floor()
+        self.ctx, self.events = context()
         self.output = TimelineOutput(RATE, RATE, realtime=False)
-        bus.subscribe(self.output.observe)
-        self.playback = PlaybackStage(self.ctx, self.output, self.floor)
+        self.ctx.bus.subscribe(self.output.observe)
+        self.playback = PlaybackStage(self.ctx, self.output)
         self.conversation = Conversation("system", 1000, lambda text: len(text.split()))
-        self.rules = TurnTaking(self.ctx, self.floor, self.playback, self.conversation.record_heard)
+        self.rules = TurnController(
+            self.ctx, self.conversation, TurnSettings(early_reply=False), Stages(playback=self.playback)
+        )
+        self.playback.gate = self.rules
+        self.floor = self.rules.floor
 
     def user_turn(self, text: str) -> int:
         turn = self.ctx.turns.new()
         t = now()
         self.ctx.bus.publish(SpeechStarted(turn_id=turn.id, onset_at=t - 1, onset_position=0))
         self.ctx.bus.publish(SpeechStopped(turn_id=turn.id, last_voiced_at=t, last_voiced_position=RATE))
-        self.ctx.bus.publish(TranscriptFinal(turn_id=turn.id, text=text))
-        self.conversation.add_user(text, turn.id)
+        self.ctx.bus.publish(TranscriptFinal(turn_id=turn.id, text=text))  # opens the exchange
         return turn.id
 
     def reply(self, turn_id: int, chunks: list[str]) -> list[TTSAudio]:
@@ -66,7 +66,7 @@ class Rig:
             self.ctx.bus.publish(TextChunk(turn_id=turn_id, text=text, index=index))
             pcm = np.full(RATE, 1000, np.int16)
             audio.append(TTSAudio(turn_id=turn_id, pcm=pcm, sample_rate=RATE, chunk_index=index))
-        self.conversation.add_assistant(" ".join(chunks), turn_id=turn_id)
+        self.ctx.bus.publish(LLMDone(turn_id=turn_id, text=" ".join(chunks), tokens=len(chunks), finish_reason="stop"))
         return audio
 
     def of(self, kind: type) -> list[Any]:
@@ -123,7 +123,12 @@ def test_reply_waits_while_the_user_speaks_again_and_is_superseded_by_words(run:
     assert rig.ctx.turns.is_cancelled(1) and "superseded" in rig.ctx.turns.get(1).cancel_reason
     assert rig.rules.superseded == 1
     assert len(rig.output.render()) == 0, "the superseded reply never played"
-    assert [m["role"] for m in rig.conversation.messages()] == ["system", "user"]  # no unheard reply
+    # No unheard reply: both of the user's turns, and no assistant message
+    # (the controller opened the second turn's exchange at its final).
+    assert [(m["role"], m["content"]) for m in rig.conversation.messages()[1:]] == [
+        ("user", "What time is it?"),
+        ("user", "And the date?"),
+    ]
 
 
 def test_held_reply_plays_when_the_new_turn_was_only_noise(run: Callable[..., Any]) -> None:
@@ -146,23 +151,13 @@ def test_held_reply_plays_when_the_new_turn_was_only_noise(run: Callable[..., An
     assert any(isinstance(e, TurnCancelled) and e.turn_id == 2 for e in rig.events)
 
 
-class ScriptedClassifier:
-    """webrtcvad stand-in: a frame is voiced when it is loud enough to matter."""
-
-    def is_speech(self, pcm: bytes, sample_rate: int) -> bool:
-        return bool(np.abs(np.frombuffer(pcm, np.int16)).max() > 30)
-
-
 def _vad_rig(speaking: bool) -> tuple[VADStage, list[SpeechStarted]]:
-    bus = EventBus()
-    ctx = PipelineContext(bus=bus, turns=TurnRegistry(bus))
-    floor = Floor()
-    if speaking:
-        floor.assistant_turns.add(99)
+    ctx, _ = context()
     settings = VADSettings(min_speech_ms=160, barge_in_min_speech_ms=200, barge_in_min_rms_dbfs=-45.0)
-    vad = VADStage(ctx, settings, classifier=ScriptedClassifier(), silero=lambda pcm: np.full(len(pcm) // 512, 0.9), floor=floor)
+    vad = VADStage(ctx, settings, classifier=ScriptedClassifier(), silero=lambda pcm: np.full(len(pcm) // 512, 0.9))
+    vad.set_assistant_speaking(speaking)
     starts: list[SpeechStarted] = []
-    bus.subscribe(lambda e: starts.append(e) if isinstance(e, SpeechStarted) else None)
+    ctx.bus.subscribe(lambda e: starts.append(e) if isinstance(e, SpeechStarted) else None)
     return vad, starts
 
 

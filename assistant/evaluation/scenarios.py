@@ -189,9 +189,9 @@ async def run_scenario(
             "heard_text": e.heard_text,
             "played_s": round(e.played_samples / e.sample_rate, 3),
         }
-        for e in session.turn_taking.interruptions
+        for e in session.controller.interruptions
     ]
-    vad = session.stages[0]
+    vad = session.pipeline.vad
     turns = session.report.to_json()
     for t in turns:  # on the scenario's own clock, to compare with its script
         t["speech_start_s"] = round(t["milestones_ms"].get("speech_start", math.nan) / 1000 + (session.origin - origin), 3)

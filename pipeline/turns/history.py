@@ -1,0 +1,117 @@
+"""The conversation history: one exchange per turn, written by the controller alone.
+
+An exchange opens when the turn's transcript is sent to the language model,
+holds the reply as a draft once the model has written it (so the next
+turn's prompt sees it, as a listener would by then), and is committed once:
+when the reply has played, or cut to what the user heard when it was
+interrupted. A reply thrown away before it was heard (the user went on
+speaking) takes its exchange with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class _Exchange:
+    turn_id: int | None
+    user: str
+    reply: str | None = None
+    interrupted: bool = False
+    committed: bool = False
+
+
+class Conversation:
+    """The dialogue so far, trimmed to ``budget`` tokens when a prompt is built."""
+
+    def __init__(self, system_prompt: str, budget: int, count_tokens: Callable[[str], int]) -> None:
+        self.system_prompt = system_prompt
+        self.budget = budget
+        self.count_tokens = count_tokens
+        self._exchanges: list[_Exchange] = []
+
+    # ---- written by the turn controller ----------------------------------
+
+    def open(self, turn_id: int | None, user_text: str) -> None:
+        """The user's words of a turn, about to be answered."""
+        self._exchanges.append(_Exchange(turn_id, user_text))
+
+    def draft(self, turn_id: int, reply: str) -> None:
+        """The reply as the model wrote it (before it has been heard)."""
+        exchange = self._find(turn_id)
+        if exchange is not None and not exchange.committed:
+            exchange.reply = reply or None
+
+    def commit(self, turn_id: int, heard: str | None = None) -> None:
+        """Settle the turn's reply, once.
+
+        ``heard=None``: the draft stands (the reply played to its end).
+        Otherwise the reply was cut short: only ``heard`` stays, marked
+        interrupted; nothing heard leaves no reply (the user's words stay).
+        """
+        exchange = self._find(turn_id)
+        if exchange is None or exchange.committed:
+            return
+        exchange.committed = True
+        if heard is not None:
+            exchange.reply = heard.strip() or None
+            exchange.interrupted = exchange.reply is not None
+
+    def discard(self, turn_id: int) -> None:
+        """Forget the turn's exchange: its reply was thrown away unheard and
+        the turn goes on (a new transcript will open it again)."""
+        self._exchanges = [e for e in self._exchanges if e.turn_id != turn_id or e.committed]
+
+    def is_open(self, turn_id: int) -> bool:
+        exchange = self._find(turn_id)
+        return exchange is not None and not exchange.committed
+
+    def _find(self, turn_id: int) -> _Exchange | None:
+        for exchange in reversed(self._exchanges):
+            if exchange.turn_id == turn_id:
+                return exchange
+        return None
+
+    # ---- read by the language model stage and the reports ----------------
+
+    @property
+    def turns(self) -> list[dict[str, Any]]:
+        """Every message so far, oldest first, with its turn id."""
+        out: list[dict[str, Any]] = []
+        for e in self._exchanges:
+            out.append({"role": "user", "content": e.user, "turn_id": e.turn_id})
+            if e.reply is not None:
+                out.append({"role": "assistant", "content": e.reply, "interrupted": e.interrupted, "turn_id": e.turn_id})
+        return out
+
+    def messages(self, upto: int | None = None) -> list[dict[str, str]]:
+        """System prompt plus the most recent messages that fit the budget.
+
+        ``upto``: the prompt for that turn's reply (later turns left out).
+        Whole messages are dropped from the oldest end, never cut, and the
+        prompt never starts with an assistant message.
+        """
+        turns = self.turns
+        if upto is not None:
+            turns = [t for t in turns if t["turn_id"] is None or t["turn_id"] <= upto]
+        kept: list[dict[str, str]] = []
+        used = 0
+        for turn in reversed(turns):
+            content = turn["content"]
+            if turn.get("interrupted"):
+                # Cut off mid-speech: a trailing dash says so in the text
+                # itself (a bracketed note was copied into replies by the
+                # small model), and only the heard words are there.
+                content = f"{content.rstrip(' ,;:-—')} —"
+            cost = self.count_tokens(content) + 4
+            if kept and used + cost > self.budget:
+                break
+            kept.append({"role": turn["role"], "content": content})
+            used += cost
+        kept.reverse()
+        while kept and kept[0]["role"] == "assistant":
+            kept.pop(0)
+        return [{"role": "system", "content": self.system_prompt}, *kept]
