@@ -36,7 +36,7 @@ from ..config import Config
 from ..errors import InputError
 from ..models import Models
 
-SCENARIOS = Path(__file__).resolve().parent.parent / "audio_assets" / "scenarios"
+SCENARIOS = Path(__file__).resolve().parents[2] / "audio_assets" / "scenarios"
 
 
 @dataclass
