@@ -71,3 +71,48 @@ def test_cross_key_rules() -> None:
         load_config(None, ["vad.pause_ms=900", "vad.silence_ms=500"])
     with pytest.raises(ConfigError, match="draft_model"):
         load_config(None, ["llm.speculative.method=draft_model"])
+
+
+# ---- hostile or broken config files: one line each, never a traceback ----
+
+
+def _refused(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_binary_config_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"vad:\n  silence_ms: \xff\xfe\x00\x81\n")
+    assert "not UTF-8" in _refused(path)
+
+
+def test_deeply_nested_config_is_refused_before_recursing(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("[" * 20_000 + "]" * 20_000)
+    assert "nested deeper than" in _refused(path)
+
+
+def test_yaml_alias_bomb_is_refused_without_expanding(tmp_path: Path) -> None:
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 12):
+        prev, name = chr(ord("a") + i - 1), chr(ord("a") + i)
+        lines.append(f"{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert path.stat().st_size < 2048
+    assert "aliases" in _refused(path)
+
+
+def test_endless_or_huge_config_file_is_refused(tmp_path: Path) -> None:
+    assert "larger than" in _refused(Path("/dev/zero"))
+    path = tmp_path / "huge.yaml"
+    path.write_text("# " + "x" * (2 << 20) + "\n")
+    assert "larger than" in _refused(path)
+
+
+def test_config_path_that_is_a_folder(tmp_path: Path) -> None:
+    assert "is a folder" in _refused(tmp_path)
