@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from audio.framing import file_source
+from audio.resample import Resampler
 from pipeline.asr import ASRStage, WhisperTranscriber
 from pipeline.chunker import ChunkerStage
 from pipeline.frames import (
@@ -64,48 +66,15 @@ from pipeline.tts import PiperSynthesizer, TTSStage
 from pipeline.turntaking import Floor, TurnTaking
 from pipeline.vad import EndpointRule, VADSettings, VADStage
 
-from .audio_io import Resampler
 from .config import Config
 from .models import Models
 
 if TYPE_CHECKING:
-    from pipeline.echo import EchoCanceller
+    from audio.echo import EchoCanceller
 
 log = logging.getLogger("assistant.session")
 
 _session_ids = itertools.count(1)
-
-
-# --------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------
-
-
-async def file_source(
-    pcm: np.ndarray, rate: int, frame_ms: int, realtime: bool = True, start: float | None = None
-) -> AsyncIterator[AudioFrame]:
-    """Frames of a decoded file, at real-time pace or as fast as possible.
-
-    At real-time pace each frame is released when its last sample would have
-    been captured by a microphone, and stamped with that time.
-    """
-    size = rate * frame_ms // 1000
-    t0 = now() if start is None else start
-    for index, offset in enumerate(range(0, len(pcm), size)):
-        chunk = pcm[offset : offset + size]
-        if len(chunk) < size:
-            chunk = np.concatenate([chunk, np.zeros(size - len(chunk), np.int16)])
-        due = t0 + (offset + size) / rate
-        if realtime:
-            delay = due - now()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            captured = due
-        else:
-            if index % 25 == 0:
-                await asyncio.sleep(0)
-            captured = now()
-        yield AudioFrame(pcm=chunk, sample_rate=rate, captured_at=captured, position=offset)
 
 
 def vad_settings(config: Config, with_silero: bool) -> VADSettings:

@@ -9,7 +9,7 @@ three and adds its own kinds.
 
 from __future__ import annotations
 
-__all__ = ["UserError", "InputError", "DeviceError"]
+__all__ = ["UserError", "InputError", "DeviceError", "one_line"]
 
 
 class UserError(Exception):
@@ -26,3 +26,11 @@ class DeviceError(UserError):
     """No usable audio device (or PortAudio itself is missing)."""
 
     exit_code = 4
+
+
+def one_line(error: BaseException | str) -> str:
+    """Collapse an exception's text onto one line for a user message."""
+    text = str(error).strip()
+    if not text and isinstance(error, BaseException):
+        text = type(error).__name__
+    return " ".join(text.split())

@@ -12,12 +12,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AudioFrame", "now"]
+__all__ = ["AudioFrame", "now", "as_pcm16"]
 
 
 def now() -> float:
     """The pipeline clock: monotonic seconds. One clock for every stamp."""
     return time.monotonic()
+
+
+def as_pcm16(pcm: np.ndarray) -> np.ndarray:
+    """Validate mono int16 PCM (1-D); other integer/float dtypes are refused
+    so a float array in [-1, 1] is never silently truncated to zeros."""
+    arr = np.asarray(pcm)
+    if arr.ndim != 1:
+        raise ValueError(f"expected mono PCM as a 1-D array, got shape {arr.shape}")
+    if arr.dtype != np.int16:
+        raise ValueError(f"expected int16 PCM, got {arr.dtype}")
+    return arr
 
 
 @dataclass(slots=True)

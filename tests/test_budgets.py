@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from assistant.config import load_config
-from assistant.session import Session, file_source
+from assistant.session import Session
+from audio.framing import file_source
 from helpers import ASSETS, load_pcm, words
 from pipeline.frames import BudgetExceeded, Event, LLMToken, SpeechPaused, SpeechResumed, SpeechStopped, TranscriptFinal, TurnCompleted, now
 from pipeline.playback import TimelineOutput
@@ -74,7 +75,7 @@ def test_unknown_stage_is_refused() -> None:
 
 
 def heard(models: Any, pcm: np.ndarray, rate: int) -> str:
-    from assistant.audio_io import Resampler
+    from audio.resample import Resampler
 
     audio = Resampler(rate, 16000).process(pcm).astype(np.float32) / 32768
     segments, _ = models.whisper.transcribe(audio, language="en", beam_size=1)

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from assistant.audio_io import Resampler
-from assistant.session import file_source
+from audio.framing import file_source
+from audio.resample import Resampler
 from pipeline.asr import ASRStage, WhisperTranscriber
 from pipeline.frames import (
     END,
