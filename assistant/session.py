@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from audio.framing import file_source
-from audio.resample import Resampler
 from pipeline.asr import ASRStage, WhisperTranscriber
 from pipeline.chunker import ChunkerStage
 from pipeline.frames import (
@@ -393,7 +392,6 @@ class Session:
                 PiperSynthesizer(models.piper, config.tts.length_scale),
                 models.tts_executor,
                 config.audio.output_rate,
-                Resampler,
             ),
             PlaybackStage(self.ctx, output, self.floor),
         ]

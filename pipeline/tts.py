@@ -11,11 +11,13 @@ seamless. A chunk with ``last=True`` ends the turn's reply
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
 import numpy as np
+
+from audio.resample import Resampler
 
 from .frames import ReplyCancelled, TextChunk, TTSAudio, TTSDone, TTSFirstAudio, TurnCancelled
 from .runtime import PipelineContext, Stage, iterate_blocking
@@ -56,14 +58,12 @@ class TTSStage(Stage):
         synthesizer: Synthesizer,
         executor: Executor | None,
         output_rate: int,
-        make_resampler: Callable[[int, int], Any],
     ) -> None:
         super().__init__(ctx)
         self._synth = synthesizer
         self._executor = executor
         self._rate = output_rate
-        self._make_resampler = make_resampler
-        self._resamplers: dict[int, Any] = {}
+        self._resamplers: dict[int, Resampler] = {}
         self._chunks: dict[int, int] = {}
         self.first_audio_ms: list[float] = []
         ctx.bus.subscribe(self._forget_cancelled)
@@ -81,7 +81,7 @@ class TTSStage(Stage):
         assert turn_id is not None
         resampler = self._resamplers.get(turn_id)
         if resampler is None:
-            resampler = self._resamplers[turn_id] = self._make_resampler(self._synth.sample_rate, self._rate)
+            resampler = self._resamplers[turn_id] = Resampler(self._synth.sample_rate, self._rate)
         if item.text.strip():
             started = time.perf_counter()
             first = True

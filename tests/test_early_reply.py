@@ -69,17 +69,6 @@ class FakeVoice:
         yield np.full(1600, 1000, np.int16)
 
 
-class Identity:
-    def __init__(self, a: int, b: int) -> None:
-        pass
-
-    def process(self, pcm: np.ndarray) -> np.ndarray:
-        return pcm
-
-    def flush(self) -> np.ndarray:
-        return np.zeros(0, np.int16)
-
-
 def test_resumed_speech_drops_the_early_reply_and_answers_the_whole_turn() -> None:
     async def main() -> None:
         bus = EventBus()
@@ -94,7 +83,7 @@ def test_resumed_speech_drops_the_early_reply_and_answers_the_whole_turn() -> No
             ASRStage(ctx, FakeTranscriber(), None, partial_interval_ms=10_000, final_at_pause=True),
             LLMStage(ctx, llm, conversation, "t"),
             ChunkerStage(ctx, first_min_words=2),
-            TTSStage(ctx, FakeVoice(), None, 16000, Identity),
+            TTSStage(ctx, FakeVoice(), None, 16000),
             PlaybackStage(ctx, output),
         ]
         connect(ctx, stages)

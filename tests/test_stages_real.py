@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from audio.framing import file_source
-from audio.resample import Resampler
 from pipeline.asr import ASRStage, WhisperTranscriber
 from pipeline.frames import (
     END,
@@ -201,7 +200,7 @@ def test_conversation_history_stays_within_its_token_budget(models: Any) -> None
 def test_tts_speaks_each_chunk_at_the_output_rate(models: Any, config: Any, run: Any) -> None:
     ctx, events = context()
     turn = ctx.turns.new()
-    stage = TTSStage(ctx, PiperSynthesizer(models.piper), models.tts_executor, 16000, Resampler)
+    stage = TTSStage(ctx, PiperSynthesizer(models.piper), models.tts_executor, 16000)
     chunks = [
         TextChunk(turn_id=turn.id, text="The capital of France is Paris,", index=0),
         TextChunk(turn_id=turn.id, text="a city of lights.", index=1, last=True),
