@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "devices":
-            from .audio_io import list_devices
+            from audio.devices import list_devices
 
             print(list_devices())
             return 0
@@ -184,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _count_turns(pcm: Any, config: Any) -> int:
     """The VAD alone over the input (no other model): how many turns it holds."""
+    from audio.framing import file_source
     from pipeline.vad import SileroOpinion, count_turns
 
-    from .session import file_source, vad_settings
+    from .session import vad_settings
 
     silero = SileroOpinion().max_probability if config.vad.silero.enabled else None
     frames = file_source(pcm, config.audio.input_rate, config.audio.frame_ms, realtime=False)
@@ -194,7 +195,7 @@ def _count_turns(pcm: Any, config: Any) -> int:
 
 
 def converse(args: argparse.Namespace, config: Any) -> int:
-    from .audio_io import decode_file
+    from audio.files import decode_file
 
     for flag in ("output", "report"):
         value = getattr(args, flag)
@@ -205,7 +206,7 @@ def converse(args: argparse.Namespace, config: Any) -> int:
     if _count_turns(pcm, config) == 0:
         _say("no speech found in the input: nothing to answer")
         if args.output:
-            from .audio_io import write_wav
+            from audio.files import write_wav
 
             silent = np.zeros(len(pcm) * config.audio.output_rate // config.audio.input_rate, np.int16)
             write_wav(args.output, silent, config.audio.output_rate)
@@ -224,8 +225,10 @@ def converse(args: argparse.Namespace, config: Any) -> int:
 async def _converse(args: argparse.Namespace, config: Any, models: Any, pcm: Any) -> int:
     from pipeline.playback import TimelineOutput
 
-    from .audio_io import write_wav
-    from .session import Session, file_source
+    from audio.files import write_wav
+    from audio.framing import file_source
+
+    from .session import Session
 
     output = TimelineOutput(config.audio.output_rate, config.audio.input_rate, realtime=not args.fast)
     await _warm_up(models)
@@ -297,7 +300,7 @@ def _write_report(path: str, input_path: str, config: Any, session: Any, turns: 
 
 
 def mic(args: argparse.Namespace, config: Any) -> int:
-    from .audio_io import resolve_device
+    from audio.devices import resolve_device
 
     in_dev = resolve_device(args.input_device, "input")
     out_dev = resolve_device(args.output_device, "output")
@@ -317,7 +320,7 @@ async def _mic(args: argparse.Namespace, config: Any, models: Any, in_dev: Any, 
     await _warm_up(models)
     canceller = None
     if config.echo.cancel in ("auto", "on"):  # a loudspeaker and a microphone in one room
-        from pipeline.echo import EchoCanceller
+        from audio.echo import EchoCanceller
 
         canceller = EchoCanceller(
             sample_rate=config.audio.input_rate,

@@ -1,29 +1,22 @@
-"""Errors that reach the user as one clear line and a non-zero exit."""
+"""Errors that reach the user as one clear line and a non-zero exit.
+
+The base class and the audio errors (:class:`InputError`, exit 2;
+:class:`DeviceError`, exit 4) come from :mod:`audio.errors`, because the
+audio layer raises them and must not import the application.
+"""
 
 from __future__ import annotations
 
+from audio.errors import DeviceError, InputError, UserError
 
-class UserError(Exception):
-    """A problem the user can fix; the CLI prints it as one line, no traceback."""
-
-    exit_code = 2
+__all__ = ["UserError", "ConfigError", "InputError", "ModelError", "DeviceError"]
 
 
 class ConfigError(UserError):
     """A configuration key is unknown, missing, of the wrong type or out of range."""
 
 
-class InputError(UserError):
-    """The input audio is missing, unreadable, empty or too long."""
-
-
 class ModelError(UserError):
     """A bundled model package is not installed or its files are missing."""
 
     exit_code = 3
-
-
-class DeviceError(UserError):
-    """No usable audio device (or PortAudio itself is missing)."""
-
-    exit_code = 4

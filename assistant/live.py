@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from audio.devices import Microphone, Speaker
 from pipeline.frames import AudioFrame
 from pipeline.runtime import Channel
 
-from .audio_io import Microphone, Speaker
 from .config import Config
 
 

@@ -278,7 +278,7 @@ class Models:
 
             from pipeline.tts import PiperSynthesizer
 
-            from .audio_io import Resampler
+            from audio.resample import Resampler
 
             synth = PiperSynthesizer(self.piper, self.config.tts.length_scale)
             pcm = np.concatenate(list(synth.synthesize(text)))

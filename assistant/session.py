@@ -16,14 +16,12 @@ latencies written to REPORT.json.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 
 from pipeline.asr import ASRStage, WhisperTranscriber
 from pipeline.builder import ASRSettings, ChunkerSettings, Components, HistorySettings, PipelineSettings, build_pipeline
@@ -66,43 +64,13 @@ from .config import Config
 from .models import Models
 
 if TYPE_CHECKING:
-    from pipeline.echo import EchoCanceller
+    from audio.echo import EchoCanceller
 
 log = logging.getLogger("assistant.session")
 
 _session_ids = itertools.count(1)
 
 
-# --------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------
-
-
-async def file_source(
-    pcm: np.ndarray, rate: int, frame_ms: int, realtime: bool = True, start: float | None = None
-) -> AsyncIterator[AudioFrame]:
-    """Frames of a decoded file, at real-time pace or as fast as possible.
-
-    At real-time pace each frame is released when its last sample would have
-    been captured by a microphone, and stamped with that time.
-    """
-    size = rate * frame_ms // 1000
-    t0 = now() if start is None else start
-    for index, offset in enumerate(range(0, len(pcm), size)):
-        chunk = pcm[offset : offset + size]
-        if len(chunk) < size:
-            chunk = np.concatenate([chunk, np.zeros(size - len(chunk), np.int16)])
-        due = t0 + (offset + size) / rate
-        if realtime:
-            delay = due - now()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            captured = due
-        else:
-            if index % 25 == 0:
-                await asyncio.sleep(0)
-            captured = now()
-        yield AudioFrame(pcm=chunk, sample_rate=rate, captured_at=captured, position=offset)
 
 
 # --------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Usage (from the repository root)::
 Each scenario is what the *user's* microphone hears, on one timeline
 (16 kHz mono PCM16, seeded noise floor of about 2 LSB RMS): the assistant's
 replies are not in the files; a benchmark plays them into the room
-(``pipeline.room.RoomEcho``) while the file runs. ``scenarios.json`` says
+(``audio.room.RoomEcho``) while the file runs. ``scenarios.json`` says
 what happens when (seconds from the start of the file) and what the
 pipeline must do: ``expect_turns`` (user turns with a transcript),
 ``expect_interruptions`` (barge-ins of a reply; absent where either count

@@ -12,15 +12,19 @@ Two kinds of object travel through the pipeline:
 A *turn* is one user utterance plus the assistant's reply to it; its id is
 assigned by the VAD when speech opens, and every frame or event that belongs
 to it carries that id so that cancelling a turn can drop exactly its work.
+
+:class:`AudioFrame` and :func:`now` (the one clock) belong to the audio layer
+below (:mod:`audio.frame`) and are re-exported here.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
+from audio.frame import AudioFrame, now
 
 __all__ = [
     "AudioFrame",
@@ -53,39 +57,9 @@ __all__ = [
 ]
 
 
-def now() -> float:
-    """The pipeline clock: monotonic seconds. One clock for every stamp."""
-    return time.monotonic()
-
-
 # --------------------------------------------------------------------------
-# Media frames
+# Media frames (AudioFrame itself lives in the audio layer)
 # --------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class AudioFrame:
-    """A short block of mono PCM16 audio.
-
-    ``captured_at`` is the monotonic time at which the *last* sample of the
-    frame was available (captured by a microphone, or due at real-time pace
-    for a file). ``position`` is the index of the first sample in the input
-    stream, which places the frame on the input's own timeline.
-    """
-
-    pcm: np.ndarray  # int16, shape (n,)
-    sample_rate: int
-    captured_at: float
-    position: int = 0
-    turn_id: int | None = None
-
-    @property
-    def duration(self) -> float:
-        return len(self.pcm) / self.sample_rate
-
-    @property
-    def end_position(self) -> int:
-        return self.position + len(self.pcm)
 
 
 @dataclass(slots=True)

@@ -17,10 +17,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from audio.resample import Resampler
+
 from .frames import ReplyCancelled, TextChunk, TTSAudio, TTSDone, TTSFirstAudio, TurnCancelled
 from .runtime import PipelineContext, Stage, iterate_blocking
 
-from assistant.audio_io import Resampler  # TEMP: until the audio layer lands
 
 
 class Synthesizer(Protocol):
@@ -63,7 +64,7 @@ class TTSStage(Stage):
         self._synth = synthesizer
         self._executor = executor
         self._rate = output_rate
-        self._resamplers: dict[int, Any] = {}
+        self._resamplers: dict[int, Resampler] = {}
         self._chunks: dict[int, int] = {}
         self.first_audio_ms: list[float] = []
         ctx.bus.subscribe(self._forget_cancelled)

@@ -29,8 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from assistant.audio_io import read_wav  # noqa: E402
 from assistant.server.client import RemoteSession  # noqa: E402
+from audio.files import read_wav  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -1,10 +1,12 @@
-"""Helpers shared by the tests: the committed speech and transcript checks."""
+"""Helpers shared by the tests: the committed speech, transcript checks, test tones."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "audio_assets"
@@ -19,7 +21,7 @@ def expected_text(wav: Path) -> str:
 
 
 def load_pcm(path: Path) -> Any:
-    from assistant.audio_io import read_wav
+    from audio.files import read_wav
 
     pcm, rate = read_wav(path)
     assert rate == 16000
@@ -39,3 +41,26 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
         for j, h in enumerate(hyp, 1):
             prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
     return d[len(hyp)] / max(1, len(ref))
+
+
+# Test tones (the audio layer's tests)
+
+
+def sine(freq: float, rate: int, seconds: float, amp: float = 8000.0) -> np.ndarray:
+    t = np.arange(int(round(rate * seconds))) / rate
+    return np.round(amp * np.sin(2 * np.pi * freq * t)).astype(np.int16)
+
+
+def peak_freq(pcm: np.ndarray, rate: int) -> float:
+    """Dominant frequency, interpolated between FFT bins (Hann window)."""
+    x = pcm.astype(np.float64) * np.hanning(len(pcm))
+    spec = np.abs(np.fft.rfft(x))
+    k = int(np.argmax(spec[1:])) + 1
+    a, b, c = np.log(spec[k - 1 : k + 2] + 1e-12)
+    k_frac = k + 0.5 * (a - c) / (a - 2 * b + c)
+    return k_frac * rate / len(pcm)
+
+
+def amplitude(pcm: np.ndarray) -> float:
+    """Sine amplitude from RMS (robust to phase and edge samples)."""
+    return float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2)) * np.sqrt(2))

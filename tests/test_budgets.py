@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from assistant.config import load_config
-from assistant.session import Session, file_source
+from assistant.session import Session
+from audio.framing import file_source
 from helpers import ASSETS, load_pcm, words
 from pipeline.frames import BudgetExceeded, Event, LLMToken, SpeechPaused, SpeechResumed, SpeechStopped, TranscriptFinal, TurnCompleted, now
 from pipeline.playback import TimelineOutput
@@ -21,7 +22,9 @@ def watch(budgets: list[Budget]) -> tuple[EventBus, Watchdog, list[tuple[BudgetE
     fired: list[tuple[BudgetExceeded, float]] = []
     events: list[Event] = []
     bus.subscribe(events.append)
-    dog = Watchdog(bus, budgets, lambda e: fired.append((e, now())))
+    # Where the turn controller sits: it applies the policy as it hears the event.
+    bus.route_to(lambda e: fired.append((e, now())) if isinstance(e, BudgetExceeded) else None)
+    dog = Watchdog(bus, budgets)
     return bus, dog, fired, events
 
 
@@ -70,11 +73,11 @@ def test_a_resumed_pause_disarms_and_a_finished_turn_clears() -> None:
 
 def test_unknown_stage_is_refused() -> None:
     with pytest.raises(ValueError, match="no such budgeted stage"):
-        Watchdog(EventBus(), [Budget("nap", 1)], lambda e: None)
+        Watchdog(EventBus(), [Budget("nap", 1)])
 
 
 def heard(models: Any, pcm: np.ndarray, rate: int) -> str:
-    from assistant.audio_io import Resampler
+    from audio.resample import Resampler
 
     audio = Resampler(rate, 16000).process(pcm).astype(np.float32) / 32768
     segments, _ = models.whisper.transcribe(audio, language="en", beam_size=1)

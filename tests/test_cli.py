@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from assistant.audio_io import decode_file, read_wav, write_wav
+from audio.files import decode_file, read_wav, write_wav
 from helpers import ASSETS, ROOT, word_error_rate, words
 
 
@@ -123,7 +123,7 @@ def test_converse_on_a_stereo_44k_flac(tmp_path: Path, models: Any) -> None:
     start = int(turn["milestones_ms"]["first_audio_out"] / 1000 * rate)
     assert not np.any(pcm[: int(turn["milestones_ms"]["speech_end"] / 1000 * rate)])
     reply = pcm[start:].astype(np.float32) / 32768
-    from assistant.audio_io import Resampler
+    from audio.resample import Resampler
 
     segments, _ = models.whisper.transcribe(
         Resampler(rate, 16000).process(pcm[start:]).astype(np.float32) / 32768, language="en", beam_size=1

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.echo import EchoCanceller, resample
-from pipeline.frames import AudioFrame
-from pipeline.room import RoomEcho
+from audio.echo import EchoCanceller
+from audio.frame import AudioFrame
+from audio.resample import resample
+from audio.room import RoomEcho
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "audio_assets"

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from assistant.session import MILESTONES, Session, file_source
+from assistant.session import MILESTONES, Session
+from audio.framing import file_source
 from helpers import ASSETS, expected_text, load_pcm, word_error_rate, words
 from pipeline.frames import LLMToken, TTSAudio, TurnCancelled
 from pipeline.playback import TimelineOutput
@@ -19,7 +20,7 @@ ENGLISH = {"the", "is", "a", "of", "and", "in", "it", "to", "i", "you", "are", "
 
 
 def transcribe(models: Any, pcm: np.ndarray, rate: int) -> str:
-    from assistant.audio_io import Resampler
+    from audio.resample import Resampler
 
     audio = Resampler(rate, 16000).process(pcm) if rate != 16000 else pcm
     segments, _ = models.whisper.transcribe(audio.astype(np.float32) / 32768, language="en", beam_size=1)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from assistant.audio_io import read_wav
+from audio.files import read_wav
 from helpers import ASSETS, ROOT, word_error_rate, words
 from virtual_audio import VirtualAudio, skip_if_unavailable
 

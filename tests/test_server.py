@@ -20,10 +20,10 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from assistant.audio_io import Resampler
 from assistant.server.client import RemoteSession
 from assistant.config import Config, load_config
 from assistant.server.server import Server
+from audio.resample import Resampler
 from helpers import ASSETS, expected_text, load_pcm, word_error_rate
 
 pytestmark = pytest.mark.slow

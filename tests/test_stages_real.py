@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from assistant.session import file_source
+from audio.framing import file_source
 from pipeline.asr import ASRStage, WhisperTranscriber
 from pipeline.frames import (
     END,

@@ -89,8 +89,10 @@ def format_table(table: dict[str, dict[str, Any]]) -> str:
 async def run_bench(config: Config, models: Any, files: list[Path]) -> dict[str, Any]:
     from pipeline.playback import TimelineOutput
 
-    from ..audio_io import decode_file
-    from ..session import Session, file_source
+    from audio.files import decode_file
+    from audio.framing import file_source
+
+    from ..session import Session
 
     decode_ms: list[float] = []
     synth_ms: list[float] = []

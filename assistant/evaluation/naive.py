@@ -25,18 +25,18 @@ from typing import Any
 
 import numpy as np
 
+from audio.framing import file_source
+from audio.resample import Resampler
 from pipeline.chunker import clean_text
 from pipeline.frames import Event, SpeechStarted, SpeechStopped, now
-from pipeline.llm import Conversation
+from pipeline.turns import Conversation
 from pipeline.playback import TimelineOutput
 from pipeline.runtime import EventBus, PipelineContext, TurnRegistry
 from pipeline.tts import PiperSynthesizer
 from pipeline.vad import VADSettings, VADStage
 
-from ..audio_io import Resampler
 from .bench import percentile
 from ..config import Config
-from ..session import file_source
 
 __all__ = ["NAIVE_MILESTONES", "NAIVE_LATENCIES", "naive_turn", "run_naive", "summarize_latencies"]
 
@@ -186,7 +186,7 @@ async def naive_turn(
 
     # 2. The full reply before any speech.
     conversation = Conversation(config.llm.system_prompt, config.llm.history_tokens, models.llm.count_tokens)
-    conversation.add_user(transcript)
+    conversation.open(None, transcript)
     request_id = f"naive-{next(_request_ids)}"
     parts: list[str] = []
     finished = False
@@ -247,7 +247,7 @@ def summarize_latencies(
 
 async def run_naive(config: Config, models: Any, files: list[Path]) -> dict[str, Any]:
     """The naive cascade over each file, one warm-up turn excluded (like run_bench)."""
-    from ..audio_io import decode_file
+    from audio.files import decode_file
 
     def load(path: Path) -> np.ndarray:
         return decode_file(path, config.audio.input_rate, config.audio.max_input_seconds)

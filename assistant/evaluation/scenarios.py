@@ -6,7 +6,7 @@ interruption, a cough, a thinking pause... It is played at real-time pace
 into the full pipeline with the real models, as a microphone would capture
 it. :class:`SimulatedRoom` is the loudspeaker and the microphone: reply
 audio is placed on the input's timeline (:class:`TimelineOutput`) and, with
-echo on, fed back into the microphone through :class:`pipeline.room.RoomEcho`
+echo on, fed back into the microphone through :class:`audio.room.RoomEcho`
 (delayed, attenuated, filtered like a room), then through the session's
 echo canceller, exactly as ``mic`` mode runs on a kiosk.
 
@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.frames import AudioFrame, ReplyInterrupted, now
+from audio.files import read_wav
+from audio.resample import Resampler
+from pipeline.frames import AudioFrame, now
 from pipeline.playback import TimelineOutput
 
-from ..audio_io import Resampler, read_wav
 from ..config import Config
 from ..errors import InputError
 from ..models import Models
@@ -67,7 +68,7 @@ class SimulatedRoom:
         self.canceller = canceller
         self.room: Any = None
         if echo is not None:
-            from pipeline.room import RoomEcho
+            from audio.room import RoomEcho
 
             self.room = RoomEcho(
                 sample_rate=self.rate, delay_ms=echo.delay_ms, gain_db=echo.gain_db, rt60_ms=echo.rt60_ms, seed=echo.seed
@@ -167,7 +168,7 @@ async def run_scenario(
         raise InputError(f"{scenario['path']}: expected {config.audio.input_rate} Hz, got {rate}")
     canceller = None
     if echo is not None and echo.cancel:
-        from pipeline.echo import EchoCanceller
+        from audio.echo import EchoCanceller
 
         canceller = EchoCanceller(
             sample_rate=rate, frame_ms=config.audio.frame_ms, tail_ms=config.echo.tail_ms, delay_ms=config.echo.delay_ms

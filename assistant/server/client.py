@@ -290,7 +290,7 @@ def _printer(out: Any = sys.stdout) -> Callable[[dict[str, Any]], None]:
 
 def client(args: argparse.Namespace, max_input_seconds: float) -> int:
     """Stream ``--input`` to the server at real-time pace; save the reply audio."""
-    from ..audio_io import decode_file, write_wav
+    from audio.files import decode_file, write_wav
 
     url = websocket_url(args.url)
     if args.output and not Path(args.output).parent.exists():

@@ -20,9 +20,9 @@ import numpy as np
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from audio.resample import Resampler
 from pipeline.frames import Event, TurnCancelled, now
 
-from ..audio_io import Resampler
 
 log = logging.getLogger("assistant.server")
 

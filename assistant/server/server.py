@@ -49,6 +49,8 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from audio.framing import StreamFramer
+from audio.resample import Resampler
 from pipeline.frames import (
     AudioFrame,
     BudgetExceeded,
@@ -68,7 +70,6 @@ from pipeline.frames import (
 )
 from pipeline.runtime import Channel
 
-from ..audio_io import Resampler
 from ..config import Config
 from ..errors import UserError
 from .protocol import (
@@ -141,8 +142,7 @@ class _Connection:
         self._input: Channel[Any] = Channel("ws.input", maxsize=INPUT_QUEUE_FRAMES)
         self._input_closed = False
         self._draining = False  # shutting down: audio is no longer listened to
-        self._pending = np.zeros(0, np.int16)
-        self._position = 0
+        self._framer = StreamFramer(self.config.audio.input_rate, self.config.audio.frame_ms)
         self._resampler: Resampler | None = None
         self._limit = InputRateLimit(self.config.server.max_input_rate)
         self._start: SessionStart | None = None
@@ -327,11 +327,8 @@ class _Connection:
         self._input_closed = True
         if self._resampler is not None:
             self._push(self._resampler.flush(), now())
-        size = self.config.audio.input_rate * self.config.audio.frame_ms // 1000
-        if len(self._pending):
-            pad = np.zeros(size - len(self._pending), np.int16)
-            self._emit(np.concatenate([self._pending, pad]), now())
-            self._pending = np.zeros(0, np.int16)
+        for frame in self._framer.end(now()):
+            self._input.put_nowait(frame)
         self._input.put_nowait(_END_OF_INPUT)
 
     def _on_audio(self, data: bytes) -> None:
@@ -351,19 +348,8 @@ class _Connection:
         self._push(self._resampler.process(pcm), arrived)
 
     def _push(self, pcm: np.ndarray, arrived: float) -> None:
-        size = self.config.audio.input_rate * self.config.audio.frame_ms // 1000
-        pending = np.concatenate([self._pending, pcm]) if len(self._pending) else pcm
-        offset = 0
-        while len(pending) - offset >= size:
-            self._emit(pending[offset : offset + size], arrived)
-            offset += size
-        self._pending = pending[offset:].copy()
-
-    def _emit(self, pcm: np.ndarray, arrived: float) -> None:
-        frame = AudioFrame(pcm=pcm.copy(), sample_rate=self.config.audio.input_rate, captured_at=arrived,
-                           position=self._position)
-        self._position += len(pcm)
-        self._input.put_nowait(frame)
+        for frame in self._framer.push(pcm, arrived):
+            self._input.put_nowait(frame)
 
     async def _receive(self) -> None:
         idle = self.config.server.idle_timeout_s

@@ -1,67 +1,35 @@
-"""Audio in and out: file decoding, WAV files, resampling, microphone, speaker.
+"""Audio devices: microphone and speaker through PortAudio (``sounddevice``).
 
-Everything the pipeline hears or says goes through here, as mono int16 PCM:
+:class:`Microphone` and :class:`Speaker` wrap PortAudio streams through
+``sounddevice``, which is imported lazily: a machine without PortAudio or
+without a sound card can still decode files and run the tests, and the user
+gets a :class:`~audio.errors.DeviceError` line, not a traceback.
 
-* :func:`decode_file` turns any common audio file into mono int16 at the
-  pipeline rate with PyAV (FFmpeg), and turns every bad input into one
-  :class:`~assistant.errors.InputError` line that names the file.
-* :class:`Resampler` converts a *stream* of chunks between two rates; its
-  state carries over between calls, so chunks join without clicks.
-* :class:`Microphone` and :class:`Speaker` wrap PortAudio streams through
-  ``sounddevice``, which is imported lazily: a machine without PortAudio or
-  without a sound card can still decode files and run the tests, and the
-  user gets a :class:`~assistant.errors.DeviceError` line, not a traceback.
-
-The logic that runs on the audio thread (:class:`FrameAssembler`,
+The logic that runs on the audio thread (:class:`~audio.framing.FrameAssembler`,
 :class:`PlaybackBuffer`) is kept in plain classes so it can be tested without
 a sound card; opening the PortAudio stream sits behind :func:`_open_stream`.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import math
-import os
 import threading
 import time
-import wave
 from collections import deque
 from collections.abc import Callable
-from fractions import Fraction
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-import av
 import numpy as np
 
-from .errors import DeviceError, InputError
+from .errors import DeviceError, one_line
+from .frame import as_pcm16
+from .framing import FrameAssembler, frame_samples
+from .resample import Resampler
 
-__all__ = [
-    "decode_file",
-    "write_wav",
-    "read_wav",
-    "Resampler",
-    "frames_from_pcm",
-    "FrameAssembler",
-    "PlaybackBuffer",
-    "list_devices",
-    "resolve_device",
-    "Microphone",
-    "Speaker",
-]
+__all__ = ["PlaybackBuffer", "list_devices", "resolve_device", "Microphone", "Speaker"]
 
 log = logging.getLogger("audio")
-
-_EMPTY = np.zeros(0, dtype=np.int16)
-
-# How far the container's stated duration may exceed the limit before the
-# file is refused without decoding: stated durations are sometimes estimates
-# (an MP3 without a Xing header), so the exact check happens while decoding.
-_METADATA_SLACK_S = 1.0
-# Exact check while decoding: resampling may round the length by a sample.
-_DECODE_SLACK_S = 0.01
 
 _NO_DEVICES = (
     "No audio devices found: PortAudio sees no sound card on this machine.\n"
@@ -69,343 +37,6 @@ _NO_DEVICES = (
     "PulseAudio/PipeWire server, or use `voice-assistant converse FILE` to talk "
     "to the assistant through an audio file instead."
 )
-
-
-def _one_line(error: BaseException | str) -> str:
-    """Collapse an exception's text onto one line for a user message."""
-    text = str(error).strip()
-    if not text and isinstance(error, BaseException):
-        text = type(error).__name__
-    return " ".join(text.split())
-
-
-def _as_pcm16(pcm: np.ndarray) -> np.ndarray:
-    """Validate mono int16 PCM (1-D); other integer/float dtypes are refused
-    so a float array in [-1, 1] is never silently truncated to zeros."""
-    arr = np.asarray(pcm)
-    if arr.ndim != 1:
-        raise ValueError(f"expected mono PCM as a 1-D array, got shape {arr.shape}")
-    if arr.dtype != np.int16:
-        raise ValueError(f"expected int16 PCM, got {arr.dtype}")
-    return arr
-
-
-# --------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------
-
-
-def decode_file(path: str | Path, rate: int = 16000, max_seconds: float = 300.0) -> np.ndarray:
-    """Decode any audio file PyAV can read to mono int16 PCM at ``rate``.
-
-    All channels are downmixed; any sample rate is resampled. Every bad input
-    (missing, a directory, unreadable, not audio, no audio stream, empty, too
-    long) raises :class:`InputError` with one line naming the file, because
-    this is where a user's typo or wrong file first shows up. Files longer
-    than ``max_seconds`` are refused from the container's stated duration
-    before decoding, and decoding stops as soon as the limit is passed (for
-    files whose duration is unknown or wrong).
-    """
-    if rate <= 0:
-        raise ValueError(f"rate must be positive, got {rate}")
-    if max_seconds <= 0:
-        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
-    path = Path(path)
-    _check_readable_file(path)
-    try:
-        container = av.open(str(path), mode="r")
-    except Exception as e:  # av.FFmpegError, OSError, ... never a traceback
-        raise _open_error(path, e) from None
-    try:
-        streams = container.streams.audio
-        if not streams and container.format.name == "tty":  # FFmpeg reads .txt as ANSI art
-            raise InputError(f"{path} is not an audio file (it looks like text)")
-        if not streams:
-            kinds = sorted({s.type for s in container.streams})
-            found = f" (it has only {', '.join(kinds)} streams)" if kinds else ""
-            raise InputError(f"{path} has no audio stream{found}")
-        stream = streams[0]
-        stated = _metadata_seconds(container, stream)
-        if stated is not None and stated > max_seconds + _METADATA_SLACK_S:
-            raise InputError(_too_long(path, f"is {stated:.1f} s long", max_seconds))
-        pcm = _decode_stream(path, container, stream, rate, max_seconds)
-    finally:
-        container.close()
-    if len(pcm) == 0:
-        raise InputError(f"{path} is empty: it contains no audio samples")
-    return pcm
-
-
-def _check_readable_file(path: Path) -> None:
-    """Refuse what FFmpeg would report obscurely (or not at all) up front."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise InputError(f"audio file not found: {path}") from None
-    except PermissionError:
-        raise InputError(f"cannot read {path}: permission denied") from None
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {_one_line(e.strerror or e)}") from None
-    if path.is_dir():
-        raise InputError(f"{path} is a directory, not an audio file")
-    if not path.is_file():
-        raise InputError(f"{path} is not a regular file")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"cannot read {path}: permission denied")
-    if st.st_size == 0:
-        raise InputError(f"{path} is empty (0 bytes)")
-
-
-def _open_error(path: Path, error: Exception) -> InputError:
-    """Map an error from ``av.open`` to a user line."""
-    code = getattr(error, "errno", None)
-    if isinstance(error, PermissionError) or code == errno.EACCES:
-        return InputError(f"cannot read {path}: permission denied")
-    if isinstance(error, FileNotFoundError) or code == errno.ENOENT:
-        return InputError(f"audio file not found: {path}")
-    if isinstance(error, EOFError):
-        return InputError(f"{path} is not a readable audio file (it ends too early: truncated?)")
-    reason = getattr(error, "strerror", None) or _one_line(error)
-    return InputError(f"{path} is not a readable audio file ({_one_line(reason)})")
-
-
-def _metadata_seconds(container: Any, stream: Any) -> float | None:
-    """The duration the file states, without decoding; None when unknown."""
-    try:
-        if stream.duration is not None and stream.time_base:
-            seconds = float(stream.duration * stream.time_base)
-            if seconds > 0:
-                return seconds
-        if container.duration is not None and container.duration > 0:
-            return container.duration / av.time_base
-    except Exception:  # odd metadata is not worth failing over
-        pass
-    return None
-
-
-def _too_long(path: Path, how_long: str, max_seconds: float) -> str:
-    return f"{path} {how_long}; the limit is {max_seconds:g} s (audio.max_input_seconds)"
-
-
-def _decode_stream(
-    path: Path, container: Any, stream: Any, rate: int, max_seconds: float
-) -> np.ndarray:
-    """Decode one audio stream to mono int16 at ``rate``, stopping past the limit."""
-    limit = int(math.ceil((max_seconds + _DECODE_SLACK_S) * rate))
-    chunks: list[np.ndarray] = []
-    total = 0
-    resampler: av.AudioResampler | None = None
-    first_error: Exception | None = None
-    bad_packets = 0
-
-    def take(frames: list[Any]) -> None:
-        nonlocal total
-        for out in frames:
-            data = out.to_ndarray().reshape(-1)
-            chunks.append(data)
-            total += len(data)
-        if total > limit:
-            raise InputError(_too_long(path, f"is more than {max_seconds:g} s long", max_seconds))
-
-    try:
-        for packet in container.demux(stream):
-            try:
-                frames = packet.decode()
-            except av.FFmpegError as e:  # one damaged packet: skip it, as ffmpeg does
-                bad_packets += 1
-                first_error = first_error or e
-                continue
-            for frame in frames:
-                if frame.samples == 0:  # FFmpeg refuses to filter an empty frame
-                    continue
-                if resampler is None:
-                    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
-                try:
-                    take(resampler.resample(frame))
-                except ValueError as e:
-                    if "does not match" not in str(e):
-                        raise
-                    # The stream changed rate or channel layout mid-way
-                    # (concatenated MP3s do): finish the old converter, start anew.
-                    take(resampler.resample(None))
-                    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
-                    take(resampler.resample(frame))
-        if resampler is not None:
-            take(resampler.resample(None))
-    except InputError:
-        raise
-    except Exception as e:  # corrupt data, decoder failure: one line, no traceback
-        reason = getattr(e, "strerror", None) or _one_line(e)
-        raise InputError(f"cannot decode {path}: {_one_line(reason)}") from None
-    if total == 0 and first_error is not None:
-        reason = getattr(first_error, "strerror", None) or _one_line(first_error)
-        raise InputError(f"{path} is not a readable audio file ({_one_line(reason)})")
-    if bad_packets:
-        log.warning("%s: skipped %d damaged packet(s)", path, bad_packets)
-    if not chunks:
-        return _EMPTY.copy()
-    # to_ndarray() may hand out views of frame buffers; concatenate copies them.
-    return np.concatenate(chunks).astype(np.int16, copy=False)
-
-
-def write_wav(path: str | Path, pcm: np.ndarray, rate: int) -> None:
-    """Write mono int16 PCM as a WAV file (the reply recordings and test inputs)."""
-    data = _as_pcm16(pcm)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(int(rate))
-        w.writeframes(data.astype("<i2", copy=False).tobytes())
-
-
-def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """Read a 16-bit WAV as mono int16 (channels averaged) and its rate.
-
-    Only the stdlib is involved, so tests can check what was written without
-    going through the decoder under test.
-    """
-    try:
-        with wave.open(str(path), "rb") as w:
-            channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
-            raw = w.readframes(w.getnframes())
-    except FileNotFoundError:
-        raise InputError(f"audio file not found: {path}") from None
-    except (wave.Error, EOFError, OSError) as e:
-        raise InputError(f"{path} is not a readable WAV file ({_one_line(e)})") from None
-    if width != 2:
-        raise InputError(f"{path} is a {8 * width}-bit WAV; expected 16-bit")
-    data = np.frombuffer(raw, dtype="<i2").astype(np.int16)
-    if channels > 1:
-        frames = data[: len(data) // channels * channels].reshape(-1, channels)
-        data = np.round(frames.astype(np.float64).mean(axis=1)).astype(np.int16)
-    return data, rate
-
-
-# --------------------------------------------------------------------------
-# Streaming resampler and framing
-# --------------------------------------------------------------------------
-
-
-class Resampler:
-    """Streaming mono int16 resampler from ``in_rate`` to ``out_rate``.
-
-    Backed by FFmpeg's libswresample (through ``av.AudioResampler``), whose
-    filter state carries over between :meth:`process` calls, so the output of
-    chunks fed one by one is the same as for the whole signal at once: no
-    clicks at chunk joins. :meth:`flush` returns the samples still held in
-    the filter and resets it for a new stream. Equal rates pass through.
-    """
-
-    def __init__(self, in_rate: int, out_rate: int) -> None:
-        if in_rate <= 0 or out_rate <= 0:
-            raise ValueError(f"rates must be positive, got {in_rate} -> {out_rate}")
-        self.in_rate = int(in_rate)
-        self.out_rate = int(out_rate)
-        self._resampler: av.AudioResampler | None = None
-        self._pts = 0
-        self._time_base = Fraction(1, self.in_rate)
-
-    @property
-    def identity(self) -> bool:
-        return self.in_rate == self.out_rate
-
-    def process(self, pcm: np.ndarray) -> np.ndarray:
-        """Resample the next chunk; may return fewer samples (filter delay)."""
-        data = _as_pcm16(pcm)
-        if self.identity:
-            return data.copy()
-        if len(data) == 0:  # an empty frame makes FFmpeg fail with ENOMEM
-            return _EMPTY.copy()
-        frame = av.AudioFrame.from_ndarray(
-            np.ascontiguousarray(data).reshape(1, -1), format="s16", layout="mono"
-        )
-        frame.sample_rate = self.in_rate
-        frame.time_base = self._time_base
-        frame.pts = self._pts
-        self._pts += len(data)
-        if self._resampler is None:
-            self._resampler = av.AudioResampler(format="s16", layout="mono", rate=self.out_rate)
-        return self._collect(self._resampler.resample(frame))
-
-    def flush(self) -> np.ndarray:
-        """Return the tail still in the filter; the next chunk starts a new stream."""
-        if self._resampler is None:
-            return _EMPTY.copy()
-        out = self._collect(self._resampler.resample(None))
-        self.reset()
-        return out
-
-    def reset(self) -> None:
-        """Drop the filter state without output (after a playback is cancelled)."""
-        self._resampler = None
-        self._pts = 0
-
-    @staticmethod
-    def _collect(frames: list[Any]) -> np.ndarray:
-        if not frames:
-            return _EMPTY.copy()
-        if len(frames) == 1:
-            return frames[0].to_ndarray().reshape(-1).copy()
-        return np.concatenate([f.to_ndarray().reshape(-1) for f in frames])
-
-
-def _frame_samples(rate: int, frame_ms: int | float) -> int:
-    n = rate * frame_ms / 1000
-    if n <= 0 or n != int(n):
-        raise ValueError(f"{frame_ms} ms at {rate} Hz is not a whole number of samples")
-    return int(n)
-
-
-def frames_from_pcm(pcm: np.ndarray, rate: int, frame_ms: int) -> list[np.ndarray]:
-    """Split PCM into frames of ``frame_ms`` (the VAD's unit); the last is zero-padded."""
-    data = _as_pcm16(pcm)
-    n = _frame_samples(rate, frame_ms)
-    count = -(-len(data) // n)
-    padded = np.zeros(count * n, dtype=np.int16)
-    padded[: len(data)] = data
-    return [padded[i * n : (i + 1) * n] for i in range(count)]
-
-
-class FrameAssembler:
-    """Cuts a stream of arbitrary-sized chunks into frames of exactly ``size``.
-
-    Used on the audio thread (device blocks, resampled blocks vary in size),
-    so it copies into one preallocated buffer and only allocates the frames
-    it hands out.
-    """
-
-    def __init__(self, size: int) -> None:
-        if size <= 0:
-            raise ValueError(f"frame size must be positive, got {size}")
-        self.size = size
-        self._buf = np.zeros(size, dtype=np.int16)
-        self._fill = 0
-
-    def push(self, pcm: np.ndarray) -> list[tuple[np.ndarray, int]]:
-        """Add samples; return ``(frame, samples_after)`` for each frame completed.
-
-        ``samples_after`` counts the samples of this chunk that came after the
-        frame's last sample, so the caller can back-date its capture stamp.
-        """
-        out: list[tuple[np.ndarray, int]] = []
-        i, n = 0, len(pcm)
-        while i < n:
-            take = min(self.size - self._fill, n - i)
-            self._buf[self._fill : self._fill + take] = pcm[i : i + take]
-            self._fill += take
-            i += take
-            if self._fill == self.size:
-                out.append((self._buf.copy(), n - i))
-                self._fill = 0
-        return out
-
-    def reset(self) -> None:
-        self._fill = 0
-
-
-# --------------------------------------------------------------------------
-# Playback buffer (the speaker's logic, without the device)
-# --------------------------------------------------------------------------
 
 
 class PlaybackBuffer:
@@ -447,7 +78,7 @@ class PlaybackBuffer:
 
     def write(self, pcm: np.ndarray, tag: object = None) -> None:
         """Append samples of ``tag`` (copied: the caller may reuse its array)."""
-        data = _as_pcm16(pcm).copy()
+        data = as_pcm16(pcm).copy()
         if len(data) == 0:
             return
         with self._lock:
@@ -523,6 +154,7 @@ class PlaybackBuffer:
         return filled
 
 
+
 # --------------------------------------------------------------------------
 # Devices (sounddevice is imported lazily)
 # --------------------------------------------------------------------------
@@ -545,7 +177,7 @@ def _query_devices(sd: ModuleType) -> list[dict[str, Any]]:
     try:
         return [dict(d) for d in sd.query_devices()]
     except Exception as e:
-        raise DeviceError(f"cannot list audio devices: {_one_line(e)}") from None
+        raise DeviceError(f"cannot list audio devices: {one_line(e)}") from None
 
 
 def _default_index(sd: ModuleType, kind: Kind) -> int | None:
@@ -676,7 +308,7 @@ def _open_stream(
     try:
         info = dict(sd.query_devices(index, kind))
     except Exception as e:
-        raise DeviceError(f"cannot query the audio {kind} device: {_one_line(e)}") from None
+        raise DeviceError(f"cannot query the audio {kind} device: {one_line(e)}") from None
     name = info.get("name", "?")
     default_rate = int(round(float(info.get("default_samplerate") or rate)))
     max_channels = int(info.get("max_input_channels" if kind == "input" else "max_output_channels", 1))
@@ -706,7 +338,7 @@ def _open_stream(
             callback=callback,
         )
     except Exception as e:
-        raise DeviceError(f"cannot open audio {kind} device {name!r}: {_one_line(e)}") from None
+        raise DeviceError(f"cannot open audio {kind} device {name!r}: {one_line(e)}") from None
     return stream, stream_rate, channels
 
 
@@ -718,7 +350,7 @@ def _start(stream: Any, kind: Kind) -> None:
             stream.close()
         except Exception:
             pass
-        raise DeviceError(f"cannot start audio {kind}: {_one_line(e)}") from None
+        raise DeviceError(f"cannot start audio {kind}: {one_line(e)}") from None
 
 
 def _close(stream: Any) -> None:
@@ -749,7 +381,7 @@ class Microphone:
         self.frame_ms = frame_ms
         self.rate = rate
         self.on_frame = on_frame
-        self.frame_samples = _frame_samples(rate, frame_ms)
+        self.frame_samples = frame_samples(rate, frame_ms)
         self.device_rate: int | None = None
         self.overflows = 0
         self.callback_errors = 0
@@ -879,7 +511,7 @@ class Speaker:
 
     def write(self, pcm: np.ndarray, tag: object = None) -> None:
         """Queue samples at ``rate``; ``tag`` says whose they are (a turn id)."""
-        data = _as_pcm16(pcm)
+        data = as_pcm16(pcm)
         with self._write_lock:
             if self._resampler is None:
                 self._buffer.write(data, tag)

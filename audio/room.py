@@ -2,9 +2,10 @@
 
 Used by the echo-cancellation tests and the barge-in scenario benchmark to
 put the assistant's own voice back into a simulated microphone, the way a
-kiosk's loudspeaker does. It lives in ``pipeline/`` beside ``echo.py``
-because it is plain signal processing with no dependency on the application
-(the tests, the benchmark and a simulated live microphone all import it).
+kiosk's loudspeaker does. It lives in the audio layer beside ``echo.py``
+because it is plain signal processing with no dependency on the pipeline or
+the application (the tests, the benchmark and a simulated live microphone
+all import it).
 
 The echo path is one impulse response, made once from a seed:
 
@@ -21,7 +22,7 @@ The echo path is one impulse response, made once from a seed:
 
 An optional loudspeaker nonlinearity (``drive``, a tanh soft clip before the
 room) is off by default: a linear canceller removes it only partly (see
-``pipeline/echo.py`` for the figure).
+``audio/echo.py`` for the figure).
 
 Streaming: :meth:`RoomEcho.play` places speaker output on the microphone's
 timeline (sample index at ``sample_rate``) at any time, ahead or late, and
@@ -35,7 +36,7 @@ import math
 
 import numpy as np
 
-from .echo import resample
+from .resample import resample
 
 __all__ = ["RoomEcho"]
 

@@ -13,7 +13,7 @@ releases it every few weeks), Apache-2.0 (fits GPL-3.0), a manylinux wheel
 with the native library inside (no compiler, no Debian package), and it runs
 offline (the APM is local; nothing connects anywhere). Evaluated on the
 committed speech (six piper questions as the assistant's voice, two espeak
-questions as the user talking over it), with :class:`pipeline.room.RoomEcho`
+questions as the user talking over it), with :class:`audio.room.RoomEcho`
 (delay 30/60/120 ms, gain -6/-14 dB, RT60 200 ms) plus -80 dBFS noise:
 
 ============================  =====================  ====================
@@ -53,65 +53,16 @@ kHz reference to resample.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import replace
 
 import numpy as np
 
-from .frames import AudioFrame
+from .frame import AudioFrame
+from .resample import resample, sinc_at, sinc_design
 
-__all__ = ["EchoCanceller", "resample", "sinc_at"]
-
-_TAPS = 16  # half-width of the interpolation kernel, in output-rate samples
-_KAISER_BETA = 8.0
-
-
-_PHASES = 512  # kernel table resolution: 1/512 sample of timing error at most
-
-
-@functools.lru_cache(maxsize=8)
-def _kernel_table(cutoff: float, half: int) -> np.ndarray:
-    """Kaiser-windowed sinc taps for ``_PHASES`` fractional offsets.
-
-    Row ``p`` holds the weights of input samples ``base - half + 1 ..
-    base + half`` for a position ``base + p / _PHASES``.
-    """
-    frac = np.arange(_PHASES + 1)[:, None] / _PHASES
-    d = np.arange(-half + 1, half + 1)[None, :] - frac
-    t = d / half
-    win = np.i0(_KAISER_BETA * np.sqrt(np.clip(1.0 - t * t, 0.0, 1.0))) / np.i0(_KAISER_BETA)
-    return 2 * cutoff * np.sinc(2 * cutoff * d) * win
-
-
-def sinc_at(x: np.ndarray, pos: np.ndarray, cutoff: float, half: int) -> np.ndarray:
-    """Band-limited values of ``x`` at fractional indices ``pos``.
-
-    A Kaiser-windowed sinc of ``2 * half`` taps, low-pass at ``cutoff``
-    cycles per input sample; indices outside ``x`` read as zeros.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    table = _kernel_table(round(cutoff, 9), half)
-    base = np.floor(pos).astype(np.int64)
-    phase = np.rint((pos - base) * _PHASES).astype(np.int64)
-    idx = base[:, None] + np.arange(-half + 1, half + 1)[None, :]
-    padded = np.concatenate([np.zeros(1), x])  # index 0 stands for "outside"
-    inside = (idx >= 0) & (idx < len(x))
-    taps = padded[np.where(inside, idx + 1, 0)]
-    return np.einsum("ij,ij->i", taps, table[phase])
-
-
-def resample(pcm: np.ndarray, in_rate: int, out_rate: int) -> np.ndarray:
-    """Band-limited resampling of a whole signal, float64 out (same units)."""
-    x = np.asarray(pcm, dtype=np.float64)
-    if in_rate == out_rate or len(x) == 0:
-        return x.copy()
-    n_out = int(round(len(x) * out_rate / in_rate))
-    pos = np.arange(n_out) * (in_rate / out_rate)
-    cutoff = 0.45 * min(in_rate, out_rate) / in_rate
-    half = int(math.ceil(_TAPS * max(1.0, in_rate / out_rate)))
-    return sinc_at(x, pos, cutoff, half)
+__all__ = ["EchoCanceller"]
 
 
 class _Timeline:
@@ -308,12 +259,10 @@ class EchoCanceller:
             x = ref.read(lo, lo + n).astype(np.float64)
             keep = lo - self.sample_rate  # one second of history is plenty
         else:
-            ratio = ref.rate / self.sample_rate
-            pos = np.arange(lo, lo + n) * ratio
-            half = int(math.ceil(_TAPS * max(1.0, ratio)))
+            pos = np.arange(lo, lo + n) * (ref.rate / self.sample_rate)
+            cutoff, half = sinc_design(ref.rate, self.sample_rate)
             first = int(math.floor(pos[0])) - half
             seg = ref.read(first, int(math.ceil(pos[-1])) + half + 1)
-            cutoff = 0.45 * min(ref.rate, self.sample_rate) / ref.rate
             x = sinc_at(seg, pos - first, cutoff, half)
             keep = first - ref.rate
         ref.forget_before(keep)
