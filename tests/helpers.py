@@ -39,3 +39,14 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
         for j, h in enumerate(hyp, 1):
             prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
     return d[len(hyp)] / max(1, len(ref))
+
+
+def transcribe(models: Any, pcm: Any, rate: int = 16000) -> str:
+    """Reply audio (int16 at ``rate``) transcribed back with the loaded Whisper."""
+    import numpy as np
+
+    from assistant.audio_io import Resampler
+
+    audio = Resampler(rate, 16000).process(pcm) if rate != 16000 else pcm
+    segments, _ = models.whisper.transcribe(np.asarray(audio).astype(np.float32) / 32768, language="en", beam_size=1)
+    return " ".join(s.text for s in segments).strip()
