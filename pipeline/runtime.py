@@ -33,21 +33,15 @@ from .frames import (
     BudgetExceeded,
     EndOfStream,
     Event,
-    LLMToken,
-    ReplyAudioStarted,
-    SpeechPaused,
-    SpeechResumed,
-    SpeechStopped,
-    StageError,
-    TextChunk,
-    TranscriptFinal,
-    TTSDone,
-    TTSFirstAudio,
     ReplyCancelled,
+    SpeechResumed,
+    StageError,
     TurnCancelled,
     TurnCompleted,
     now,
 )
+from .metrics import BUDGETED_SPANS, REPLY_MILESTONES, Span, milestones_of
+
 
 log = logging.getLogger("pipeline")
 
@@ -407,42 +401,10 @@ async def end_of_input(first: Stage) -> None:
 # Budgets
 # --------------------------------------------------------------------------
 
-# Each budgeted stage runs from one milestone of the turn to another.
-BUDGETED_STAGES: dict[str, tuple[str, str]] = {
-    "end_of_speech": ("speech_end", "vad_end"),
-    "asr_final": ("vad_end", "asr_final"),
-    "llm_first_token": ("asr_final", "llm_first_token"),
-    "first_chunk": ("llm_first_token", "first_chunk"),
-    "tts_first_audio": ("first_chunk", "tts_first_audio"),
-    "voice_to_voice": ("speech_end", "first_audio_out"),
-    # the hard cap: until the whole reply is synthesized (or the turn ends)
-    "turn": ("speech_end", "turn_end"),
-}
-# Milestones of the reply itself: a discarded reply (cancel_reply) takes
-# them back, and the next attempt reaches them again.
-REPLY_MILESTONES = ("llm_first_token", "first_chunk", "tts_first_audio")
-
-
-def milestones_of(event: Event) -> list[tuple[str, float]]:
-    """The turn milestones an event marks, with their stamps."""
-    match event:
-        case SpeechPaused():
-            return [("speech_end", event.last_voiced_at)]
-        case SpeechStopped():
-            return [("speech_end", event.last_voiced_at), ("vad_end", event.at)]
-        case TranscriptFinal() if not event.speculative:
-            return [("asr_final", event.at)]
-        case LLMToken():
-            return [("llm_first_token", event.at)]
-        case TextChunk() if event.text:
-            return [("first_chunk", event.at)]
-        case TTSFirstAudio():
-            return [("tts_first_audio", event.at)]
-        case ReplyAudioStarted():
-            return [("first_audio_out", event.at)]
-        case TTSDone() | TurnCompleted() | TurnCancelled():
-            return [("turn_end", event.at)]
-    return []
+# The budgeted spans, the milestones they run between and which of those
+# belong to the reply are in pipeline/metrics.py, with the report's.
+BUDGETED: dict[str, Span] = {span.name: span for span in BUDGETED_SPANS}
+_BUDGET_MILESTONES = frozenset(name for span in BUDGETED_SPANS for name in (span.start, span.end))
 
 
 @dataclass(frozen=True)
@@ -452,6 +414,17 @@ class Budget:
     stage: str
     ms: float
     policy: str = "log"
+
+
+def budgets_of(config: Any) -> list[Budget]:
+    """The configured budgets (a budget of 0 ms is none).
+
+    ``config.budgets`` holds ``<span>_ms`` and ``policies.<span>`` for each
+    budgeted span (``assistant.config.BudgetsConfig``).
+    """
+    b = config.budgets
+    budgets = [Budget(span, getattr(b, f"{span}_ms"), getattr(b.policies, span)) for span in BUDGETED]
+    return [budget for budget in budgets if budget.ms > 0]
 
 
 class Watchdog:
@@ -466,7 +439,7 @@ class Watchdog:
     """
 
     def __init__(self, bus: EventBus, budgets: list[Budget]) -> None:
-        unknown = [b.stage for b in budgets if b.stage not in BUDGETED_STAGES]
+        unknown = [b.stage for b in budgets if b.stage not in BUDGETED]
         if unknown:
             raise ValueError(f"no such budgeted stage: {', '.join(unknown)}")
         self._bus = bus
@@ -474,7 +447,7 @@ class Watchdog:
         self._stamps: dict[int, dict[str, float]] = {}
         self._timers: dict[tuple[int, str], asyncio.TimerHandle] = {}
         self.results: dict[int, dict[str, dict[str, Any]]] = {}
-        self.exceeded: dict[str, int] = {stage: 0 for stage in BUDGETED_STAGES}
+        self.exceeded: dict[str, int] = {stage: 0 for stage in BUDGETED}
         bus.subscribe(self.observe)
 
     def observe(self, event: Event) -> None:
@@ -485,22 +458,23 @@ class Watchdog:
             # The pause was not the end: forget it and what it armed.
             stamps = self._stamps.get(turn_id, {})
             stamps.pop("speech_end", None)
-            for stage, (start, _) in BUDGETED_STAGES.items():
-                if start == "speech_end":
-                    self._disarm(turn_id, stage)
+            for span in BUDGETED_SPANS:
+                if span.start == "speech_end":
+                    self._disarm(turn_id, span.name)
             return
         if isinstance(event, ReplyCancelled):
             stamps = self._stamps.get(turn_id, {})
             for name in REPLY_MILESTONES:
                 stamps.pop(name, None)
-            for stage, (start, _) in BUDGETED_STAGES.items():
-                if start in REPLY_MILESTONES:
-                    self._disarm(turn_id, stage)
+            for span in BUDGETED_SPANS:
+                if span.start in REPLY_MILESTONES:
+                    self._disarm(turn_id, span.name)
             return
         for name, stamp in milestones_of(event):
-            self._reach(turn_id, name, stamp)
+            if name in _BUDGET_MILESTONES:
+                self._reach(turn_id, name, stamp)
         if isinstance(event, (TurnCompleted, TurnCancelled)):
-            for stage in BUDGETED_STAGES:
+            for stage in BUDGETED:
                 self._disarm(turn_id, stage)
             self._stamps.pop(turn_id, None)
 
@@ -509,12 +483,12 @@ class Watchdog:
         if name in stamps and name != "speech_end":
             return  # only the first token, the first chunk... count
         stamps[name] = stamp
-        for stage, (start, end) in BUDGETED_STAGES.items():
-            if end == name and start in stamps:
-                self._disarm(turn_id, stage)
-                self._record(turn_id, stage, (stamp - stamps[start]) * 1000)
-            elif start == name and end not in stamps and stage in self._budgets:
-                self._arm(turn_id, stage, stamp + self._budgets[stage].ms / 1000)
+        for span in BUDGETED_SPANS:
+            if span.end == name and span.start in stamps:
+                self._disarm(turn_id, span.name)
+                self._record(turn_id, span.name, (stamp - stamps[span.start]) * 1000)
+            elif span.start == name and span.end not in stamps and span.name in self._budgets:
+                self._arm(turn_id, span.name, stamp + self._budgets[span.name].ms / 1000)
 
     def _arm(self, turn_id: int, stage: str, deadline: float) -> None:
         self._disarm(turn_id, stage)
@@ -537,7 +511,7 @@ class Watchdog:
     def _fire(self, turn_id: int, stage: str) -> None:
         self._timers.pop((turn_id, stage), None)
         budget = self._budgets[stage]
-        start = self._stamps.get(turn_id, {}).get(BUDGETED_STAGES[stage][0])
+        start = self._stamps.get(turn_id, {}).get(BUDGETED[stage].start)
         if start is None:
             return
         elapsed_ms = (now() - start) * 1000

@@ -31,15 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from assistant.server.client import RemoteSession  # noqa: E402
 from audio.files import read_wav  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+from pipeline.metrics import percentile  # noqa: E402
 
 
 async def one_session(url: str, token: str | None, index: int, questions: list[np.ndarray], gap_s: float,
@@ -115,7 +107,7 @@ def main() -> int:
               f"(close {r['close']}), v2v ms {[round(t['voice_to_voice_ms'] or 0) for t in r['turns']]}")
     print(f"completed turns: {completed}/{expected}")
     if v2v:
-        print(f"voice-to-voice: p50 {percentile(v2v, 0.5):.0f} ms, p95 {percentile(v2v, 0.95):.0f} ms, "
+        print(f"voice-to-voice: p50 {percentile(v2v, 50):.0f} ms, p95 {percentile(v2v, 95):.0f} ms, "
               f"max {max(v2v):.0f} ms, mean {statistics.fmean(v2v):.0f} ms (n={len(v2v)})")
     if args.json:
         Path(args.json).write_text(json.dumps({"sessions": results, "wall_s": round(wall, 1)}, indent=2) + "\n")

@@ -64,3 +64,14 @@ def peak_freq(pcm: np.ndarray, rate: int) -> float:
 def amplitude(pcm: np.ndarray) -> float:
     """Sine amplitude from RMS (robust to phase and edge samples)."""
     return float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2)) * np.sqrt(2))
+
+
+def transcribe(models: Any, pcm: Any, rate: int = 16000) -> str:
+    """Reply audio (int16 at ``rate``) transcribed back with the loaded Whisper."""
+    import numpy as np
+
+    from audio.resample import Resampler
+
+    audio = Resampler(rate, 16000).process(pcm) if rate != 16000 else pcm
+    segments, _ = models.whisper.transcribe(np.asarray(audio).astype(np.float32) / 32768, language="en", beam_size=1)
+    return " ".join(s.text for s in segments).strip()

@@ -11,7 +11,7 @@ import pytest
 from assistant.config import load_config
 from assistant.session import Session
 from audio.framing import file_source
-from helpers import ASSETS, load_pcm, words
+from helpers import ASSETS, load_pcm, transcribe, words
 from pipeline.frames import BudgetExceeded, Event, LLMToken, SpeechPaused, SpeechResumed, SpeechStopped, TranscriptFinal, TurnCompleted, now
 from pipeline.playback import TimelineOutput
 from pipeline.runtime import Budget, EventBus, Watchdog
@@ -76,14 +76,6 @@ def test_unknown_stage_is_refused() -> None:
         Watchdog(EventBus(), [Budget("nap", 1)])
 
 
-def heard(models: Any, pcm: np.ndarray, rate: int) -> str:
-    from audio.resample import Resampler
-
-    audio = Resampler(rate, 16000).process(pcm).astype(np.float32) / 32768
-    segments, _ = models.whisper.transcribe(audio, language="en", beam_size=1)
-    return " ".join(s.text for s in segments)
-
-
 def converse(models: Any, run: Any, question: str, overrides: list[str]) -> tuple[Any, Session, TimelineOutput]:
     """One committed question through a session with some budgets overridden."""
     config = load_config(None, overrides)
@@ -111,7 +103,7 @@ def test_late_first_token_plays_the_acknowledgement_before_the_answer(models: An
     start = int(np.flatnonzero(audio)[0] - np.flatnonzero(ack)[0])  # piper starts with silence
     # The acknowledgement is the first thing heard, whole, and the answer follows.
     assert np.array_equal(audio[start : start + len(ack)], ack)
-    assert {"one", "moment"} <= set(words(heard(models, audio[start : start + len(ack)], rate)))
+    assert {"one", "moment"} <= set(words(transcribe(models, audio[start : start + len(ack)], rate)))
     rest = audio[start + len(ack) :]
     assert np.count_nonzero(rest) > rate // 2
     assert turn["reply"]
@@ -130,6 +122,6 @@ def test_hard_cap_ends_the_turn_with_the_apology(models: Any, run: Any) -> None:
     audio = output.render()
     apology = models.phrase(config.budgets.apology, config.audio.output_rate)
     start = int(np.flatnonzero(audio)[0])
-    said = words(heard(models, audio[start:], config.audio.output_rate))
+    said = words(transcribe(models, audio[start:], config.audio.output_rate))
     assert "sorry" in said, said
     assert len(audio) - start <= len(apology) + config.audio.output_rate  # little else was said

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from audio.files import decode_file, read_wav, write_wav
-from helpers import ASSETS, ROOT, word_error_rate, words
+from helpers import ASSETS, ROOT, transcribe, word_error_rate, words
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -123,10 +123,5 @@ def test_converse_on_a_stereo_44k_flac(tmp_path: Path, models: Any) -> None:
     start = int(turn["milestones_ms"]["first_audio_out"] / 1000 * rate)
     assert not np.any(pcm[: int(turn["milestones_ms"]["speech_end"] / 1000 * rate)])
     reply = pcm[start:].astype(np.float32) / 32768
-    from audio.resample import Resampler
-
-    segments, _ = models.whisper.transcribe(
-        Resampler(rate, 16000).process(pcm[start:]).astype(np.float32) / 32768, language="en", beam_size=1
-    )
-    heard = " ".join(s.text for s in segments)
+    heard = transcribe(models, pcm[start:], rate)
     assert len(words(heard)) >= 3 and len(reply) > rate // 2, heard

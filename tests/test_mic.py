@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from audio.files import read_wav
-from helpers import ASSETS, ROOT, word_error_rate, words
+from helpers import ASSETS, ROOT, transcribe, word_error_rate, words
 from virtual_audio import VirtualAudio, skip_if_unavailable
 
 pytestmark = pytest.mark.slow
@@ -78,6 +78,5 @@ def test_mic_mode_hears_a_question_and_speaks_the_reply(tmp_path: Path, models: 
     pcm, rate = read_wav(heard)
     loud = np.flatnonzero(np.abs(pcm) > 1000)
     assert len(loud) > rate // 2, "nothing was played to the speaker"
-    segments, _ = models.whisper.transcribe(pcm.astype(np.float32) / 32768, language="en", beam_size=1)
-    said = " ".join(s.text for s in segments)
+    said = transcribe(models, pcm)
     assert len(words(said)) >= 3, said

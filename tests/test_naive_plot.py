@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from assistant.evaluation.naive import NAIVE_LATENCIES, naive_turn, summarize_latencies
+from assistant.evaluation.naive import naive_turn
 from assistant.evaluation.plot import plot_timelines
 from helpers import ASSETS, expected_text, load_pcm, word_error_rate
+from pipeline.metrics import NAIVE_SPANS, summarize_spans
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -81,11 +82,11 @@ def test_plot_timelines_tolerates_missing_milestones(tmp_path: Path) -> None:
     _check_png(tmp_path / "nothing.png")
 
 
-def test_summarize_latencies_skips_missing() -> None:
+def test_summarize_naive_spans_skips_missing() -> None:
     turns = [{"latency_ms": {"voice_to_voice": v}} for v in (3000.0, 5000.0)] + [{"latency_ms": {}}]
-    table = summarize_latencies(turns)
+    table = summarize_spans(turns, NAIVE_SPANS)
     assert table == {"voice_to_voice": {"p50": 4000.0, "p95": 4900.0, "max": 5000.0, "n": 2}}
-    assert [name for name, _, _ in NAIVE_LATENCIES][-1] == "voice_to_voice"
+    assert [span.name for span in NAIVE_SPANS][-1] == "voice_to_voice"
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import statistics
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from assistant.config import Config, load_config
 from assistant.server.server import Server
 from audio.resample import Resampler
 from helpers import ASSETS, expected_text, load_pcm, word_error_rate
+from pipeline.metrics import percentile
 
 pytestmark = pytest.mark.slow
 
@@ -456,8 +456,7 @@ def test_four_sessions_at_once_each_complete_their_turn(models: Any, config: Con
         assert word_error_rate(expected_text(ASSETS / "questions" / f"{name}.wav"), metrics[0]["transcript"]) <= 0.4
         assert metrics[0]["reply"] and session.segments and session.binary_outside_segment == 0
         v2v.append(metrics[0]["voice_to_voice_ms"])
-    q = statistics.quantiles(v2v, n=20, method="inclusive")
-    print(f"\n4 concurrent sessions: voice-to-voice p50 {statistics.median(v2v):.0f} ms, p95 {q[18]:.0f} ms, {v2v}")
+    print(f"\n4 concurrent sessions: voice-to-voice p50 {percentile(v2v, 50):.0f} ms, p95 {percentile(v2v, 95):.0f} ms, {v2v}")
     assert models.llm.pending_requests() == 0
 
 

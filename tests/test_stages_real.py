@@ -30,7 +30,7 @@ from pipeline.tts import PiperSynthesizer, TTSStage
 from pipeline.vad import SileroOpinion, VADSettings, VADStage
 
 from fakes import context
-from helpers import ASSETS, expected_text, load_pcm, question_files, word_error_rate, words
+from helpers import ASSETS, expected_text, load_pcm, question_files, transcribe, word_error_rate, words
 
 pytestmark = pytest.mark.slow
 
@@ -210,6 +210,5 @@ def test_tts_speaks_each_chunk_at_the_output_rate(models: Any, config: Any, run:
     pcm = np.concatenate([a.pcm for a in audio])
     assert 1.5 < len(pcm) / 16000 < 6
     assert any(isinstance(o, TTSDone) for o in out)
-    segments, _ = models.whisper.transcribe(pcm.astype(np.float32) / 32768, language="en", beam_size=1)
-    heard = " ".join(s.text for s in segments)
+    heard = transcribe(models, pcm)
     assert word_error_rate("The capital of France is Paris, a city of lights.", heard) <= 0.3, heard

@@ -9,16 +9,14 @@ counted. The table prints p50, p95 and max per stage and for voice to voice.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.metrics import REPORT_SPANS, percentile, summarize_spans
+
 from ..config import Config
 from ..errors import InputError
-from pipeline.runtime import BUDGETED_STAGES
-
-from ..session import STAGE_LATENCIES
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".webm"}
 
@@ -38,40 +36,14 @@ def collect_audio(specs: list[str]) -> list[Path]:
     return files
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    rank = q / 100 * (len(ordered) - 1)
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-# Report latency name -> the budgeted stage spanning the same two milestones.
-_BUDGET_OF = {
-    name: stage
-    for name, start, end in STAGE_LATENCIES
-    for stage, span in BUDGETED_STAGES.items()
-    if span == (start, end)
-}
-
-
-def summarize(turns: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    table: dict[str, dict[str, float]] = {}
-    for name, _, _ in STAGE_LATENCIES:
-        values = [t["latency_ms"][name] for t in turns if name in t.get("latency_ms", {})]
-        if values:
-            stage = _BUDGET_OF.get(name)
-            budgets = [t.get("budgets", {}).get(stage, {}) for t in turns] if stage else []
-            table[name] = {
-                "p50": round(statistics.median(values), 1),
-                "p95": round(percentile(values, 95), 1),
-                "max": round(max(values), 1),
-                "n": len(values),
-                "budget_ms": next((b["budget_ms"] for b in budgets if "budget_ms" in b), None),
-                "overruns": sum(1 for b in budgets if b.get("exceeded")),
-            }
+def summarize(turns: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """p50/p95/max per span of the report and, for budgeted spans, the budget and its overruns."""
+    table: dict[str, dict[str, Any]] = dict(summarize_spans(turns, REPORT_SPANS))
+    for span in REPORT_SPANS:
+        if span.name in table:
+            budgets = [t.get("budgets", {}).get(span.name, {}) for t in turns] if span.budgeted else []
+            table[span.name]["budget_ms"] = next((b["budget_ms"] for b in budgets if "budget_ms" in b), None)
+            table[span.name]["overruns"] = sum(1 for b in budgets if b.get("exceeded"))
     return table
 
 
@@ -120,9 +92,9 @@ async def run_bench(config: Config, models: Any, files: list[Path]) -> dict[str,
             print(f"  {path.name}: {turn['transcript']!r} -> voice-to-voice {v2v} ms", file=sys.stderr)
         measured.extend(turns)
     work = {
-        "asr_decode_ms_p50": round(statistics.median(decode_ms), 1) if decode_ms else None,
+        "asr_decode_ms_p50": round(percentile(decode_ms, 50), 1) if decode_ms else None,
         "asr_decodes": len(decode_ms),
-        "tts_first_audio_of_a_chunk_ms_p50": round(statistics.median(synth_ms), 1) if synth_ms else None,
+        "tts_first_audio_of_a_chunk_ms_p50": round(percentile(synth_ms, 50), 1) if synth_ms else None,
     }
     return {"measured_turns": len(measured), "stages_ms": summarize(measured), "work_ms": work, "turns": measured}
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,39 +29,18 @@ from audio.resample import Resampler
 from pipeline.chunker import clean_text
 from pipeline.frames import Event, SpeechStarted, SpeechStopped, now
 from pipeline.turns import Conversation
+from pipeline.metrics import NAIVE_MILESTONES, NAIVE_SPANS, milestone_ms, span_ms, summarize_spans
 from pipeline.playback import TimelineOutput
 from pipeline.runtime import EventBus, PipelineContext, TurnRegistry
 from pipeline.tts import PiperSynthesizer
 from pipeline.vad import VADSettings, VADStage
 
-from .bench import percentile
 from ..config import Config
 
-__all__ = ["NAIVE_MILESTONES", "NAIVE_LATENCIES", "naive_turn", "run_naive", "summarize_latencies"]
-
-# Milestones in the order a naive turn reaches them.
-NAIVE_MILESTONES = [
-    "speech_start",
-    "speech_end",
-    "vad_end",
-    "asr_final",
-    "llm_first_token",
-    "llm_done",
-    "tts_done",
-    "first_audio_out",
-    "reply_end",
-]
-# (name, from, to). The first three share their names with the streaming
-# table (assistant.session.STAGE_LATENCIES) so the two line up side by side.
-NAIVE_LATENCIES = [
-    ("end_of_speech_detect", "speech_end", "vad_end"),
-    ("asr_final", "vad_end", "asr_final"),
-    ("llm_first_token", "asr_final", "llm_first_token"),
-    ("llm_full_reply", "llm_first_token", "llm_done"),
-    ("tts_full_reply", "llm_done", "tts_done"),
-    ("audio_out", "tts_done", "first_audio_out"),
-    ("voice_to_voice", "speech_end", "first_audio_out"),
-]
+# Its milestones and spans are those of pipeline/metrics.py marked naive
+# (NAIVE_MILESTONES, NAIVE_SPANS): where a span is the streaming pipeline's
+# too, it has the same name, so the two line up side by side.
+__all__ = ["naive_turn", "run_naive"]
 
 _request_ids = itertools.count(1)
 
@@ -129,18 +107,13 @@ async def _listen_known_end(
 
 def _turn_dict(transcript: str, reply: str, stamps: dict[str, float], t0: float, status: str) -> dict[str, Any]:
     """The product's turn-report shape, stamps in ms from the utterance start."""
-    ms = {k: round((stamps[k] - t0) * 1000, 1) for k in NAIVE_MILESTONES if k in stamps}
-    latency = {
-        name: round((stamps[b] - stamps[a]) * 1000, 1)
-        for name, a, b in NAIVE_LATENCIES
-        if a in stamps and b in stamps
-    }
+    latency = span_ms(stamps, NAIVE_SPANS)
     return {
         "pipeline": "naive",
         "status": status,
         "transcript": transcript,
         "reply": reply,
-        "milestones_ms": ms,
+        "milestones_ms": milestone_ms(stamps, NAIVE_MILESTONES, t0),
         "latency_ms": latency,
         "voice_to_voice_ms": latency.get("voice_to_voice"),
     }
@@ -228,23 +201,6 @@ async def naive_turn(
     return result
 
 
-def summarize_latencies(
-    turns: list[dict[str, Any]], latencies: list[tuple[str, str, str]] = NAIVE_LATENCIES
-) -> dict[str, dict[str, float]]:
-    """p50/p95/max per latency, like :func:`assistant.evaluation.bench.summarize`."""
-    table: dict[str, dict[str, float]] = {}
-    for name, _, _ in latencies:
-        values = [t["latency_ms"][name] for t in turns if name in t.get("latency_ms", {})]
-        if values:
-            table[name] = {
-                "p50": round(statistics.median(values), 1),
-                "p95": round(percentile(values, 95), 1),
-                "max": round(max(values), 1),
-                "n": len(values),
-            }
-    return table
-
-
 async def run_naive(config: Config, models: Any, files: list[Path]) -> dict[str, Any]:
     """The naive cascade over each file, one warm-up turn excluded (like run_bench)."""
     from audio.files import decode_file
@@ -264,4 +220,4 @@ async def run_naive(config: Config, models: Any, files: list[Path]) -> dict[str,
         )
         if turn["status"] != "no_speech":
             measured.append(turn)
-    return {"measured_turns": len(measured), "stages_ms": summarize_latencies(measured), "turns": measured}
+    return {"measured_turns": len(measured), "stages_ms": summarize_spans(measured, NAIVE_SPANS), "turns": measured}

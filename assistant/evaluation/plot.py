@@ -12,15 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.metrics import SPAN
+
 __all__ = ["plot_timelines"]
 
+# Bars are spans of pipeline/metrics.py, markers its milestones (and the
+# partial transcripts, when a turn lists them).
 # Colours: user (greys/blues), recognition, language model, synthesis, reply.
 _STYLE = {
-    "speech": dict(facecolor="#9ecae1", label="user speech"),
-    "hangover": dict(facecolor="#d9d9d9", hatch="///", edgecolor="#969696", label="VAD hangover"),
-    "llm": dict(facecolor="#fdae6b", label="LLM first token .. done"),
-    "tts": dict(facecolor="#c7b9e2", label="TTS synthesis (whole reply)"),
-    "reply": dict(facecolor="#74c476", label="reply audio"),
+    "user_speech": dict(facecolor="#9ecae1", label="user speech"),
+    "end_of_speech": dict(facecolor="#d9d9d9", hatch="///", edgecolor="#969696", label="VAD hangover"),
+    "llm_full_reply": dict(facecolor="#fdae6b", label="LLM first token .. done"),
+    "tts_full_reply": dict(facecolor="#c7b9e2", label="TTS synthesis (whole reply)"),
+    "reply_audio": dict(facecolor="#74c476", label="reply audio"),
 }
 _MARKERS = {
     "asr_partial": dict(marker="|", color="#3182bd", markersize=9, label="ASR partial"),
@@ -108,7 +112,8 @@ def plot_timelines(
     lo, hi = -500.0, 1000.0
     ends: list[tuple[int, float, str]] = []
 
-    def span(y: int, key: str, a: str, b: str, ms: dict[str, float]) -> None:
+    def span(y: int, key: str, ms: dict[str, float]) -> None:
+        a, b = SPAN[key].start, SPAN[key].end
         if a in ms and b in ms and ms[b] >= ms[a]:
             ax.barh(y, ms[b] - ms[a], left=ms[a], height=_BAR, linewidth=0.6, **{
                 k: v for k, v in _STYLE[key].items() if k != "label"
@@ -119,11 +124,8 @@ def plot_timelines(
         ms, ok = _aligned(turn)
         if kind == "naive":
             ax.axhspan(y - 0.5, y + 0.5, color="#f7f7f7", zorder=0)
-        span(y, "speech", "speech_start", "speech_end", ms)
-        span(y, "hangover", "speech_end", "vad_end", ms)
-        span(y, "llm", "llm_first_token", "llm_done", ms)
-        span(y, "tts", "llm_done", "tts_done", ms)
-        span(y, "reply", "first_audio_out", "reply_end", ms)
+        for key in _STYLE:
+            span(y, key, ms)
         for name, value in ms.items():
             key = "asr_partial" if name.startswith("asr_partial.") else name
             if key in _MARKERS:

@@ -31,6 +31,7 @@ import numpy as np
 from audio.files import read_wav
 from audio.resample import Resampler
 from pipeline.frames import AudioFrame, now
+from pipeline.metrics import percentile
 from pipeline.playback import TimelineOutput
 
 from ..config import Config
@@ -244,12 +245,6 @@ async def run_set(
     return results
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    return float(np.percentile(np.asarray(values), q))
-
-
 def summarize(results: list[ScenarioResult]) -> dict[str, Any]:
     stops = [i["stop_ms"] for r in results for i in r.interruptions]
     spurious = sum(r.expected.get("spurious_interruptions", 0) for r in results)
@@ -262,7 +257,11 @@ def summarize(results: list[ScenarioResult]) -> dict[str, Any]:
             1 for r in results if r.name.startswith("thinking_pause") and not r.verdicts.get("turns", True)
         ),
         "interruptions": len(stops),
-        "barge_in_stop_ms": {"p50": _percentile(stops, 50), "p95": _percentile(stops, 95), "max": max(stops, default=None)},
+        "barge_in_stop_ms": {
+            "p50": percentile(stops, 50) if stops else None,
+            "p95": percentile(stops, 95) if stops else None,
+            "max": max(stops, default=None),
+        },
         "spurious_interruptions": spurious,
         "self_interruptions_with_echo": self_interruptions,
         "failed_checks": [f"{r.name}{' (echo)' if r.echo else ''}: {k}" for r in results for k, ok in r.verdicts.items() if not ok],

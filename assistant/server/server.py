@@ -68,7 +68,7 @@ from pipeline.frames import (
     TurnCompleted,
     now,
 )
-from pipeline.runtime import Channel
+from pipeline.runtime import Channel, budgets_of
 
 from ..config import Config
 from ..errors import UserError
@@ -181,7 +181,7 @@ class _Connection:
             return
         self._start = start
         config = self.config
-        from ..session import Session, budgets_of
+        from ..session import Session
 
         self.output = WebSocketOutput(
             self.ws, config.audio.output_rate, start.output_rate, config.server.jitter_buffer_ms / 1000, self.origin
