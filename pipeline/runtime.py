@@ -72,7 +72,7 @@ class EventBus:
             try:
                 callback(event)
             except Exception:  # an observer must never break the pipeline
-                log.exception("event observer failed on %s", event.kind)
+                log.exception("event observer failed on %s", type(event).__name__)
 
 
 # --------------------------------------------------------------------------
