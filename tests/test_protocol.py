@@ -16,64 +16,25 @@ import numpy as np
 import pytest
 from websockets.frames import CloseCode
 
+from assistant.server import protocol as v1
 from assistant.server.output import WebSocketOutput
-from assistant.server.protocol import (
-    CLOSE_REASON_BYTES,
-    ENDINGS,
-    EVENT_TYPES,
-    FATAL_CLOSE,
-    SHUTDOWN_BEFORE_START,
-    ErrorCode,
-    InputEnd,
-    MessageType,
-    PlaybackPosition,
-    ProtocolError,
-    ProtocolV1,
-    SessionEnd,
-    SessionStart,
-    WireProtocol,
-    decode,
-    encode,
-    fatal,
-    input_too_fast,
-    session_start,
-    start_timeout,
-    too_many_sessions,
-)
 from helpers import ROOT
-from pipeline.frames import (
-    BudgetExceeded,
-    LLMDone,
-    LLMToken,
-    ReplyAudioStarted,
-    ReplyCancelled,
-    ReplyInterrupted,
-    SpeechPaused,
-    SpeechStarted,
-    SpeechStopped,
-    StageError,
-    TextChunk,
-    TranscriptFinal,
-    TranscriptPartial,
-    TurnCancelled,
-    TurnCompleted,
-    now,
-)
+from pipeline import frames
 
 ORIGIN = 100.0
 DOCS = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
 
 
-def wire(started: bool = True, output_rate: int = 48000) -> ProtocolV1:
-    protocol = ProtocolV1(ORIGIN, pipeline_rate=22050)
+def wire(started: bool = True, output_rate: int = 48000) -> v1.ProtocolV1:
+    protocol = v1.ProtocolV1(ORIGIN, pipeline_rate=22050)
     if started:
-        protocol.ready("s1", SessionStart(48000, output_rate, "test"), 20, {"turn": 20000})
+        protocol.ready("s1", v1.SessionStart(48000, output_rate, "test"), 20, {"turn": 20000})
     return protocol
 
 
 def wire_json(message: dict[str, Any]) -> dict[str, Any]:
     """What a client reads: the encoded frame, decoded."""
-    return json.loads(encode(message))
+    return json.loads(v1.encode(message))
 
 
 # --------------------------------------------------------------------------
@@ -83,36 +44,36 @@ def wire_json(message: dict[str, Any]) -> dict[str, Any]:
 
 def test_message_types_are_the_documented_ones() -> None:
     documented = set(re.findall(r'"type": "([a-z_.]+)"', DOCS)) | set(re.findall(r"^\| `([a-z_.]+)` \|", DOCS, re.M))
-    documented -= set(ErrorCode)  # the error table's first column
-    assert documented == {t.value for t in MessageType}
+    documented -= set(v1.ErrorCode)  # the error table's first column
+    assert documented == {t.value for t in v1.MessageType}
 
 
 def test_the_browser_client_handles_only_known_types() -> None:
     app = (ROOT / "assistant" / "server" / "web" / "app.js").read_text(encoding="utf-8")
     handled = set(re.findall(r'case "([a-z_.]+)"', app))
-    assert handled and handled <= {t.value for t in MessageType}
+    assert handled and handled <= {t.value for t in v1.MessageType}
 
 
 def test_error_codes_and_close_codes_are_the_documented_ones() -> None:
     table = dict(re.findall(r"^\| `([a-z_]+)` \| .*\| (\d{4}|no)\b", DOCS, re.M))
-    assert set(table) == {c.value for c in ErrorCode}
-    for code in ErrorCode:
-        close = FATAL_CLOSE.get(code)
+    assert set(table) == {c.value for c in v1.ErrorCode}
+    for code in v1.ErrorCode:
+        close = v1.FATAL_CLOSE.get(code)
         assert (table[code] == "no") == (close is None), code
         if close is not None:
             assert isinstance(close, CloseCode) and int(close) == int(table[code]), code
 
 
 def test_wire_names_are_plain_strings_once_encoded() -> None:
-    text = encode({"type": MessageType.ERROR, "code": ErrorCode.BAD_AUDIO})
+    text = v1.encode({"type": v1.MessageType.ERROR, "code": v1.ErrorCode.BAD_AUDIO})
     assert text == '{"type":"error","code":"bad_audio"}'
-    assert decode(text) == {"type": "error", "code": "bad_audio"}
+    assert v1.decode(text) == {"type": "error", "code": "bad_audio"}
     with pytest.raises(ValueError):
-        decode("[1]")
+        v1.decode("[1]")
 
 
 def test_v1_implements_the_interface() -> None:
-    members = {name for name in dir(WireProtocol) if not name.startswith("_")} | set(WireProtocol.__annotations__)
+    members = {name for name in dir(v1.WireProtocol) if not name.startswith("_")} | set(v1.WireProtocol.__annotations__)
     assert members <= set(dir(wire()))
 
 
@@ -122,17 +83,17 @@ def test_v1_implements_the_interface() -> None:
 
 
 def test_session_start_round_trip() -> None:
-    message = session_start(48000, 24000, "unit test")
+    message = v1.session_start(48000, 24000, "unit test")
     assert wire_json(message) == {"type": "session.start", "protocol": 1, "input_rate": 48000, "output_rate": 24000,
                                   "client": "unit test"}
-    start = wire(False).parse_start(encode(message), 16000, 22050)
-    assert start == SessionStart(48000, 24000, "unit test")
+    start = wire(False).parse_start(v1.encode(message), 16000, 22050)
+    assert start == v1.SessionStart(48000, 24000, "unit test")
 
 
 def test_session_start_defaults_and_client_cut() -> None:
     start = wire(False).parse_start(json.dumps({"type": "session.start", "protocol": 1, "client": "x" * 200}),
                                     16000, 22050)
-    assert start == SessionStart(16000, 22050, "x" * 80)
+    assert start == v1.SessionStart(16000, 22050, "x" * 80)
 
 
 @pytest.mark.parametrize(
@@ -150,18 +111,19 @@ def test_session_start_defaults_and_client_cut() -> None:
     ],
 )
 def test_bad_session_start_is_fatal(frame: str | bytes, says: str) -> None:
-    with pytest.raises(ProtocolError) as caught:
+    with pytest.raises(v1.ProtocolError) as caught:
         wire(False).parse_start(frame, 16000, 22050)
     assert caught.value.code == "protocol" and caught.value.fatal and says in caught.value.message
-    ending = fatal(caught.value)
+    ending = v1.fatal(caught.value)
     assert ending.close_code == CloseCode.POLICY_VIOLATION and ending.close_reason == caught.value.message
 
 
 def test_requests() -> None:
     protocol = wire()
-    assert protocol.parse('{"type": "playback.position", "turn_id": 2, "samples": 35280}') == PlaybackPosition(2, 35280)
-    assert protocol.parse('{"type": "input.end"}') == InputEnd()
-    assert protocol.parse('{"type":"session.end","extra":1}') == SessionEnd()
+    position = protocol.parse('{"type": "playback.position", "turn_id": 2, "samples": 35280}')
+    assert position == v1.PlaybackPosition(2, 35280)
+    assert protocol.parse('{"type": "input.end"}') == v1.InputEnd()
+    assert protocol.parse('{"type":"session.end","extra":1}') == v1.SessionEnd()
 
 
 BAD_POSITION = "playback.position: turn_id and samples must be integers >= 0"
@@ -183,7 +145,7 @@ BAD_POSITION = "playback.position: turn_id and samples must be integers >= 0"
     ],
 )
 def test_bad_requests_are_not_fatal(text: str, message: str) -> None:
-    with pytest.raises(ProtocolError) as caught:
+    with pytest.raises(v1.ProtocolError) as caught:
         wire().parse(text)
     assert (caught.value.code, caught.value.message, caught.value.fatal) == ("bad_message", message, False)
 
@@ -196,7 +158,7 @@ def test_audio_checks() -> None:
         (b"\x00" * 3, False, "binary frame of odd length (3 bytes): expected PCM16"),
         (b"\x00" * 4, True, "audio after input.end is ignored"),
     ]:
-        with pytest.raises(ProtocolError) as caught:
+        with pytest.raises(v1.ProtocolError) as caught:
             protocol.check_audio(data, input_closed=closed)
         assert (caught.value.code, caught.value.message, caught.value.fatal) == ("bad_audio", message, False)
     assert protocol.audio(b"\x01\x02") == b"\x01\x02"
@@ -208,8 +170,8 @@ def test_audio_checks() -> None:
 
 
 def test_session_ready() -> None:
-    protocol = ProtocolV1(now(), pipeline_rate=22050)
-    ready = wire_json(protocol.ready("s3", SessionStart(48000, 24000, "b"), 20, {"asr_final": 350}))
+    protocol = v1.ProtocolV1(frames.now(), pipeline_rate=22050)
+    ready = wire_json(protocol.ready("s3", v1.SessionStart(48000, 24000, "b"), 20, {"asr_final": 350}))
     at_ms = ready.pop("at_ms")
     assert list(ready.items()) == [("type", "session.ready"), ("protocol", 1), ("session_id", "s3"),
                                    ("input_rate", 48000), ("output_rate", 24000), ("frame_ms", 20),
@@ -220,30 +182,31 @@ def test_session_ready() -> None:
 AT = ORIGIN + 1.5  # every event below happened 1500 ms into the session
 
 EVENTS: list[tuple[Any, dict[str, Any]]] = [
-    (SpeechStarted(turn_id=2, at=AT, onset_at=AT - 0.2, onset_position=0, barge_in=True),
+    (frames.SpeechStarted(turn_id=2, at=AT, onset_at=AT - 0.2, onset_position=0, barge_in=True),
      {"type": "speech.started", "turn_id": 2, "barge_in": True, "at_ms": 1500.0}),
-    (SpeechStopped(turn_id=2, at=AT, last_voiced_at=ORIGIN + 1.2, last_voiced_position=0),
+    (frames.SpeechStopped(turn_id=2, at=AT, last_voiced_at=ORIGIN + 1.2, last_voiced_position=0),
      {"type": "speech.stopped", "turn_id": 2, "speech_end_ms": 1200.0, "at_ms": 1500.0}),
-    (TranscriptPartial(turn_id=2, at=AT, stable="What is", unstable="the capital"),
+    (frames.TranscriptPartial(turn_id=2, at=AT, stable="What is", unstable="the capital"),
      {"type": "transcript.partial", "turn_id": 2, "text": "What is the capital", "at_ms": 1500.0}),
-    (TranscriptFinal(turn_id=2, at=AT, text="What is the capital of France?"),
+    (frames.TranscriptFinal(turn_id=2, at=AT, text="What is the capital of France?"),
      {"type": "transcript.final", "turn_id": 2, "text": "What is the capital of France?", "at_ms": 1500.0}),
-    (LLMToken(turn_id=2, at=AT, text=" Paris", index=3),
+    (frames.LLMToken(turn_id=2, at=AT, text=" Paris", index=3),
      {"type": "response.text.delta", "turn_id": 2, "text": " Paris", "at_ms": 1500.0}),
-    (LLMDone(turn_id=2, at=AT, text="Paris.", tokens=2, finish_reason="stop"),
+    (frames.LLMDone(turn_id=2, at=AT, text="Paris.", tokens=2, finish_reason="stop"),
      {"type": "response.text.done", "turn_id": 2, "text": "Paris.", "at_ms": 1500.0}),
-    (ReplyCancelled(turn_id=2, at=AT, reason="the user went on speaking"),
+    (frames.ReplyCancelled(turn_id=2, at=AT, reason="the user went on speaking"),
      {"type": "response.cancelled", "turn_id": 2, "reason": "the user went on speaking", "at_ms": 1500.0}),
-    (ReplyInterrupted(turn_id=2, at=AT, heard_text="The capital", played_samples=22050, sample_rate=22050,
+    (frames.ReplyInterrupted(turn_id=2, at=AT, heard_text="The capital", played_samples=22050, sample_rate=22050,
                       onset_at=AT - 0.3, stopped_at=AT - 0.04, by_turn=3),
      {"type": "response.interrupted", "turn_id": 2, "heard_text": "The capital", "played_samples": 48000,
       "stop_ms": 260.0, "by_turn": 3, "at_ms": 1500.0}),
-    (BudgetExceeded(turn_id=2, at=AT, stage="llm_first_token", budget_ms=800, elapsed_ms=800.4, policy="acknowledge"),
+    (frames.BudgetExceeded(turn_id=2, at=AT, stage="llm_first_token", budget_ms=800, elapsed_ms=800.4,
+                           policy="acknowledge"),
      {"type": "budget.exceeded", "turn_id": 2, "stage": "llm_first_token", "budget_ms": 800, "elapsed_ms": 800.4,
       "policy": "acknowledge", "at_ms": 1500.0}),
-    (StageError(turn_id=2, at=AT, stage="tts", message="boom"),
+    (frames.StageError(turn_id=2, at=AT, stage="tts", message="boom"),
      {"type": "error", "code": "stage_failed", "turn_id": 2, "message": "tts: boom", "fatal": False, "at_ms": 1500.0}),
-    (StageError(turn_id=None, at=AT, stage="asr", message="down"),
+    (frames.StageError(turn_id=None, at=AT, stage="asr", message="down"),
      {"type": "error", "code": "stage_failed", "turn_id": None, "message": "asr: down", "fatal": False,
       "at_ms": 1500.0}),
 ]
@@ -256,18 +219,18 @@ def test_events_on_the_wire(event: Any, expected: dict[str, Any]) -> None:
 
 
 def test_every_mapped_event_is_built() -> None:
-    assert {type(event) for event, _ in EVENTS} == set(EVENT_TYPES)
+    assert {type(event) for event, _ in EVENTS} == set(v1.EVENT_TYPES)
 
 
 @pytest.mark.parametrize(
     "event",
     [
-        TranscriptFinal(turn_id=1, text="early", speculative=True),
-        SpeechPaused(turn_id=1, last_voiced_at=0.0),
-        TextChunk(turn_id=1, text="Hi.", index=0),
-        ReplyAudioStarted(turn_id=1, position=0, sample_rate=22050),
-        TurnCompleted(turn_id=1),
-        TurnCancelled(turn_id=1, reason="x"),
+        frames.TranscriptFinal(turn_id=1, text="early", speculative=True),
+        frames.SpeechPaused(turn_id=1, last_voiced_at=0.0),
+        frames.TextChunk(turn_id=1, text="Hi.", index=0),
+        frames.ReplyAudioStarted(turn_id=1, position=0, sample_rate=22050),
+        frames.TurnCompleted(turn_id=1),
+        frames.TurnCancelled(turn_id=1, reason="x"),
     ],
     ids=lambda e: type(e).__name__,
 )
@@ -276,7 +239,7 @@ def test_events_that_stay_off_the_wire(event: Any) -> None:
 
 
 def test_played_samples_keep_the_pipeline_rate_for_a_client_at_that_rate() -> None:
-    event = ReplyInterrupted(turn_id=1, heard_text="", played_samples=11025, sample_rate=0, onset_at=0.0,
+    event = frames.ReplyInterrupted(turn_id=1, heard_text="", played_samples=11025, sample_rate=0, onset_at=0.0,
                              stopped_at=0.0)
     assert wire(output_rate=22050).on_event(event)["played_samples"] == 11025  # type: ignore[index]
 
@@ -288,10 +251,10 @@ METRICS = {"status": "completed", "cancel_reason": None, "transcript": "Hi", "re
 def test_turn_state_comes_from_the_events() -> None:
     protocol = wire()
     for turn_id in (3, 1, 2):
-        protocol.on_event(SpeechStarted(turn_id=turn_id, onset_at=0.0, onset_position=0))
-    protocol.on_event(SpeechStarted(turn_id=None, onset_at=0.0, onset_position=0))
+        protocol.on_event(frames.SpeechStarted(turn_id=turn_id, onset_at=0.0, onset_position=0))
+    protocol.on_event(frames.SpeechStarted(turn_id=None, onset_at=0.0, onset_position=0))
     assert protocol.open_turns == [1, 2, 3]
-    protocol.on_event(ReplyInterrupted(turn_id=1, heard_text="Hel", played_samples=10, sample_rate=22050,
+    protocol.on_event(frames.ReplyInterrupted(turn_id=1, heard_text="Hel", played_samples=10, sample_rate=22050,
                                        onset_at=0.0, stopped_at=0.0, by_turn=2))
     metrics = wire_json(protocol.turn_metrics(1, {**METRICS, "interrupted": False, "heard_text": "Hel"}))
     assert metrics["interrupted"] is True and metrics["heard_text"] == "Hel"
@@ -317,10 +280,10 @@ def test_audio_markers() -> None:
 
 def test_one_error_builder() -> None:
     protocol = wire()
-    assert list(wire_json(protocol.error(ErrorCode.BAD_MESSAGE, "nope", fatal=False, at=AT)).items()) == [
+    assert list(wire_json(protocol.error(v1.ErrorCode.BAD_MESSAGE, "nope", fatal=False, at=AT)).items()) == [
         ("type", "error"), ("code", "bad_message"), ("message", "nope"), ("fatal", False), ("at_ms", 1500.0)]
     with pytest.raises(AssertionError):
-        protocol.error(ErrorCode.BAD_MESSAGE, "when?", fatal=False)
+        protocol.error(v1.ErrorCode.BAD_MESSAGE, "when?", fatal=False)
 
 
 # --------------------------------------------------------------------------
@@ -362,7 +325,7 @@ def test_disconnected_sends_nothing_and_does_not_close() -> None:
 def test_shutdown_before_the_session_started() -> None:
     protocol = wire(started=False)
     ending = protocol.ending("shutdown")
-    assert ending is SHUTDOWN_BEFORE_START
+    assert ending is v1.SHUTDOWN_BEFORE_START
     assert (ending.close_code, ending.close_reason, protocol.final(ending, AT)) == (
         CloseCode.GOING_AWAY, "server shutting down", None)
 
@@ -370,23 +333,23 @@ def test_shutdown_before_the_session_started() -> None:
 def test_refusals() -> None:
     protocol = wire(started=False)
     for error, code, close in [
-        (start_timeout(10.0), "protocol", CloseCode.POLICY_VIOLATION),
-        (too_many_sessions(8), "too_many_sessions", CloseCode.TRY_AGAIN_LATER),
-        (input_too_fast(), "input_rate", CloseCode.POLICY_VIOLATION),
+        (v1.start_timeout(10.0), "protocol", CloseCode.POLICY_VIOLATION),
+        (v1.too_many_sessions(8), "too_many_sessions", CloseCode.TRY_AGAIN_LATER),
+        (v1.input_too_fast(), "input_rate", CloseCode.POLICY_VIOLATION),
     ]:
-        ending = fatal(error)
+        ending = v1.fatal(error)
         assert error.fatal and (error.code, ending.close_code) == (code, close)
         assert wire_json(protocol.final(ending, AT)) == {  # type: ignore[arg-type]
             "type": "error", "code": code, "message": error.message, "fatal": True, "at_ms": 1500.0}
-    assert start_timeout(10.0).message == "no session.start within 10 s"
-    assert too_many_sessions(8).message == "the server is at its limit of 8 sessions; try again later"
-    assert ENDINGS["input_rate"].error == (input_too_fast().code, input_too_fast().message)
+    assert v1.start_timeout(10.0).message == "no session.start within 10 s"
+    assert v1.too_many_sessions(8).message == "the server is at its limit of 8 sessions; try again later"
+    assert v1.ENDINGS["input_rate"].error == (v1.input_too_fast().code, v1.input_too_fast().message)
 
 
 def test_a_long_close_reason_is_cut_on_a_character() -> None:
-    ending = fatal(ProtocolError(ErrorCode.PROTOCOL, "é" * 100, fatal=True))
-    assert len(ending.close_reason.encode()) <= CLOSE_REASON_BYTES and ending.close_reason == "é" * 60
-    assert ending.error == (ErrorCode.PROTOCOL, "é" * 100)  # the event keeps all of it
+    ending = v1.fatal(v1.ProtocolError(v1.ErrorCode.PROTOCOL, "é" * 100, fatal=True))
+    assert len(ending.close_reason.encode()) <= v1.CLOSE_REASON_BYTES and ending.close_reason == "é" * 60
+    assert ending.error == (v1.ErrorCode.PROTOCOL, "é" * 100)  # the event keeps all of it
 
 
 # --------------------------------------------------------------------------
@@ -410,7 +373,7 @@ def test_output_wraps_reply_audio_in_markers() -> None:
         sender = asyncio.create_task(output.run())
         output.write(4, np.ones(2205, np.int16))  # 100 ms
         await asyncio.wait_for(output.drain(4), 5)
-        await output.finish(sender, protocol.final(protocol.ending("session_end"), now()), 1.0)
+        await output.finish(sender, protocol.final(protocol.ending("session_end"), frames.now()), 1.0)
         return socket.sent
 
     sent = asyncio.run(scenario())
@@ -419,4 +382,4 @@ def test_output_wraps_reply_audio_in_markers() -> None:
     start, end = json.loads(sent[0]), json.loads(sent[-2])
     assert (start["turn_id"], start["sample_rate"], end["turn_id"]) == (4, 22050, 4)
     assert end["samples"] == sum(len(m) for m in sent if isinstance(m, bytes)) // 2 == 2205
-    assert sent[-1] == encode(json.loads(sent[-1]))  # compact JSON, like every other event
+    assert sent[-1] == v1.encode(json.loads(sent[-1]))  # compact JSON, like every other event

@@ -34,20 +34,8 @@ from typing import Any, Final, Protocol
 
 from websockets.frames import CloseCode
 
-from pipeline.frames import (
-    BudgetExceeded,
-    Event,
-    LLMDone,
-    LLMToken,
-    ReplyCancelled,
-    ReplyInterrupted,
-    SpeechStarted,
-    SpeechStopped,
-    StageError,
-    TranscriptFinal,
-    TranscriptPartial,
-    now,
-)
+from pipeline import frames
+from pipeline.frames import Event, now
 
 PROTOCOL_VERSION: Final = 1
 MIN_RATE, MAX_RATE = 8000, 48000
@@ -103,16 +91,16 @@ FATAL_CLOSE: Final[dict[ErrorCode, CloseCode]] = {
 """The close code that follows a fatal error."""
 
 EVENT_TYPES: Final[dict[type[Event], MessageType]] = {
-    SpeechStarted: MessageType.SPEECH_STARTED,
-    SpeechStopped: MessageType.SPEECH_STOPPED,
-    TranscriptPartial: MessageType.TRANSCRIPT_PARTIAL,
-    TranscriptFinal: MessageType.TRANSCRIPT_FINAL,  # the confirmed one; speculative finals stay off the wire
-    LLMToken: MessageType.RESPONSE_TEXT_DELTA,
-    LLMDone: MessageType.RESPONSE_TEXT_DONE,
-    ReplyCancelled: MessageType.RESPONSE_CANCELLED,
-    ReplyInterrupted: MessageType.RESPONSE_INTERRUPTED,
-    BudgetExceeded: MessageType.BUDGET_EXCEEDED,
-    StageError: MessageType.ERROR,  # code stage_failed
+    frames.SpeechStarted: MessageType.SPEECH_STARTED,
+    frames.SpeechStopped: MessageType.SPEECH_STOPPED,
+    frames.TranscriptPartial: MessageType.TRANSCRIPT_PARTIAL,
+    frames.TranscriptFinal: MessageType.TRANSCRIPT_FINAL,  # the confirmed one; speculative finals stay off the wire
+    frames.LLMToken: MessageType.RESPONSE_TEXT_DELTA,
+    frames.LLMDone: MessageType.RESPONSE_TEXT_DONE,
+    frames.ReplyCancelled: MessageType.RESPONSE_CANCELLED,
+    frames.ReplyInterrupted: MessageType.RESPONSE_INTERRUPTED,
+    frames.BudgetExceeded: MessageType.BUDGET_EXCEEDED,
+    frames.StageError: MessageType.ERROR,  # code stage_failed
 }
 """The pipeline events a client sees, and their names on the wire. The
 others stay inside; turn.metrics comes from the session's report, the audio
@@ -410,13 +398,13 @@ class ProtocolV1:
     def on_event(self, event: Event) -> Message | None:
         """The message a session event becomes (None: it stays off the wire); notes what the turns did."""
         kind = EVENT_TYPES.get(type(event))
-        if kind is None or (isinstance(event, TranscriptFinal) and event.speculative):
+        if kind is None or (isinstance(event, frames.TranscriptFinal) and event.speculative):
             return None
-        if isinstance(event, StageError):
+        if isinstance(event, frames.StageError):
             return self.error(ErrorCode.STAGE_FAILED, f"{event.stage}: {event.message}", fatal=False, event=event)
-        if event.turn_id is not None and isinstance(event, SpeechStarted | ReplyInterrupted):
+        if event.turn_id is not None and isinstance(event, frames.SpeechStarted | frames.ReplyInterrupted):
             seen = self._turns.setdefault(event.turn_id, _TurnSeen())
-            if isinstance(event, SpeechStarted):
+            if isinstance(event, frames.SpeechStarted):
                 seen.open = True
             else:
                 seen.interrupted = True
@@ -424,15 +412,15 @@ class ProtocolV1:
 
     def _fields(self, event: Event) -> dict[str, Any]:
         match event:
-            case SpeechStarted():
+            case frames.SpeechStarted():
                 return {"barge_in": bool(event.barge_in)}
-            case SpeechStopped():
+            case frames.SpeechStopped():
                 return {"speech_end_ms": self.ms(event.last_voiced_at)}
-            case TranscriptPartial() | TranscriptFinal() | LLMToken() | LLMDone():
+            case frames.TranscriptPartial() | frames.TranscriptFinal() | frames.LLMToken() | frames.LLMDone():
                 return {"text": event.text}
-            case ReplyCancelled():
+            case frames.ReplyCancelled():
                 return {"reason": event.reason}
-            case ReplyInterrupted():
+            case frames.ReplyInterrupted():
                 client_rate = self.start.output_rate if self.start is not None else self.pipeline_rate
                 rate = event.sample_rate or self.pipeline_rate
                 return {
@@ -441,7 +429,7 @@ class ProtocolV1:
                     "stop_ms": round(event.stop_ms, 1),
                     "by_turn": event.by_turn,
                 }
-            case BudgetExceeded():
+            case frames.BudgetExceeded():
                 return {"stage": event.stage, "budget_ms": event.budget_ms, "elapsed_ms": event.elapsed_ms,
                         "policy": event.policy}
         raise AssertionError(f"no wire fields for {type(event).__name__}")  # EVENT_TYPES and this match disagree
