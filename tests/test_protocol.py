@@ -114,7 +114,7 @@ def test_bad_session_start_is_fatal(frame: str | bytes, says: str) -> None:
     with pytest.raises(v1.ProtocolError) as caught:
         wire(False).parse_start(frame, 16000, 22050)
     assert caught.value.code == "protocol" and caught.value.fatal and says in caught.value.message
-    ending = v1.fatal(caught.value)
+    ending = wire(False).refusal(caught.value)
     assert ending.close_code == CloseCode.POLICY_VIOLATION and ending.close_reason == caught.value.message
 
 
@@ -337,7 +337,7 @@ def test_refusals() -> None:
         (v1.too_many_sessions(8), "too_many_sessions", CloseCode.TRY_AGAIN_LATER),
         (v1.input_too_fast(), "input_rate", CloseCode.POLICY_VIOLATION),
     ]:
-        ending = v1.fatal(error)
+        ending = protocol.refusal(error)
         assert error.fatal and (error.code, ending.close_code) == (code, close)
         assert wire_json(protocol.final(ending, AT)) == {  # type: ignore[arg-type]
             "type": "error", "code": code, "message": error.message, "fatal": True, "at_ms": 1500.0}

@@ -141,6 +141,10 @@ class ProtocolError(Exception):
         self.fatal = fatal
 
 
+_INPUT_RATE_MESSAGE: Final = "audio is arriving faster than the server allows"
+_INTERNAL_MESSAGE: Final = "internal server error; the session is closed"
+
+
 def start_timeout(seconds: float) -> ProtocolError:
     return ProtocolError(ErrorCode.PROTOCOL, f"no session.start within {seconds:.0f} s", fatal=True)
 
@@ -153,10 +157,6 @@ def too_many_sessions(limit: int) -> ProtocolError:
 
 def input_too_fast() -> ProtocolError:
     return ProtocolError(ErrorCode.INPUT_RATE, _INPUT_RATE_MESSAGE, fatal=True)
-
-
-_INPUT_RATE_MESSAGE: Final = "audio is arriving faster than the server allows"
-_INTERNAL_MESSAGE: Final = "internal server error; the session is closed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +277,8 @@ class WireProtocol(Protocol):
 
     def ending(self, reason: str) -> Ending: ...
 
+    def refusal(self, error: ProtocolError) -> Ending: ...
+
     def final(self, ending: Ending, at: float) -> Message | None: ...
 
     def encode(self, message: Message) -> str: ...
@@ -306,8 +308,6 @@ class ProtocolV1:
     ``pipeline_rate``: the sample rate of the session's reply audio, the
     fallback for an interruption that does not say its own.
     """
-
-    version = PROTOCOL_VERSION
 
     def __init__(self, origin: float, pipeline_rate: int) -> None:
         self.origin = origin
@@ -484,6 +484,10 @@ class ProtocolV1:
         if reason == "shutdown" and self.start is None:
             return SHUTDOWN_BEFORE_START
         return ENDINGS[reason]
+
+    def refusal(self, error: ProtocolError) -> Ending:
+        """How a fatal error closes the connection (a session.start refused, the server full...)."""
+        return fatal(error)
 
     def final(self, ending: Ending, at: float) -> Message | None:
         """The last event before the close: the fatal error, else session.ended, else none."""

@@ -69,7 +69,6 @@ from .protocol import (
     SessionEnd,
     SessionStart,
     WireProtocol,
-    fatal,
     input_too_fast,
     start_timeout,
     too_many_sessions,
@@ -257,7 +256,7 @@ class _Connection:
     async def _refuse(self, error: ProtocolError) -> None:
         """Close a connection whose session never started: the fatal error, then its close code."""
         log.info("connection from %s refused: %s", self.peer, error.message)
-        await self._close_with(fatal(error))
+        await self._close_with(self.wire.refusal(error))
 
     async def _finish(self, reason: str, pipeline: asyncio.Task[None], sender: asyncio.Task[None]) -> None:
         ending = self.wire.ending(reason)
