@@ -7,7 +7,9 @@ Two kinds of object travel through the pipeline:
   (output), so latency is computed from stamps, never from guesses.
 * **Events** say that something happened (speech started, a transcript is
   final, the first token arrived...). Every event carries the monotonic time
-  it was produced (``at``) and the turn it belongs to.
+  it was produced (``at``) and the turn it belongs to. Events are known by
+  their class; what a websocket client calls them (and which it sees at
+  all) is the protocol's business: ``assistant/server/protocol.py``.
 
 A *turn* is one user utterance plus the assistant's reply to it; its id is
 assigned by the VAD when speech opens, and every frame or event that belongs
@@ -94,11 +96,6 @@ class Event:
 
     turn_id: int | None
     at: float = field(default_factory=now)
-
-    @property
-    def kind(self) -> str:
-        """A stable dotted name for logs and the wire (``speech.started``)."""
-        return _KINDS[type(self)]
 
 
 @dataclass(slots=True, kw_only=True)
@@ -309,30 +306,6 @@ class StageError(Event):
 
     stage: str
     message: str
-
-
-_KINDS: dict[type, str] = {
-    SpeechStarted: "speech.started",
-    SpeechPaused: "speech.paused",
-    SpeechResumed: "speech.resumed",
-    SpeechStopped: "speech.stopped",
-    TranscriptPartial: "transcript.partial",
-    TranscriptFinal: "transcript.final",
-    TranscriptEmpty: "transcript.empty",
-    LLMToken: "response.token",
-    LLMDone: "response.text_done",
-    TextChunk: "response.chunk",
-    TTSFirstAudio: "response.tts_first_audio",
-    TTSDone: "response.tts_done",
-    ReplyAudioStarted: "response.audio_started",
-    ReplyAudioEnded: "response.audio_ended",
-    TurnCancelled: "turn.cancelled",
-    ReplyCancelled: "response.cancelled",
-    ReplyInterrupted: "response.interrupted",
-    TurnCompleted: "turn.completed",
-    BudgetExceeded: "budget.exceeded",
-    StageError: "error",
-}
 
 
 @dataclass(frozen=True, slots=True)

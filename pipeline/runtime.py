@@ -97,12 +97,12 @@ class EventBus:
             try:
                 self._controller(event)
             except Exception:  # a failed decision must not take the session down
-                log.exception("turn controller failed on %s", event.kind)
+                log.exception("turn controller failed on %s", type(event).__name__)
         for callback in list(self._subscribers):
             try:
                 callback(event)
             except Exception:  # an observer must never break the pipeline
-                log.exception("event observer failed on %s", event.kind)
+                log.exception("event observer failed on %s", type(event).__name__)
 
 
 # --------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from the client side: it streams PCM at real-time pace, collects every
 event, and places the reply audio on the session's own timeline (where a
 listener would have heard it). The CLI, the tests and
 ``scripts/bench_server.py`` all use it, so they exercise the same code a
-remote program would.
+remote program would. Message names and encoding are
+:mod:`assistant.server.protocol`'s.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from pipeline.frames import now
 
 from ..errors import InputError, UserError
+from .protocol import MessageType, decode, encode, session_start
 
 TOKEN_ENV = "VOICE_ASSISTANT_TOKEN"
 FRAME_MS = 20
@@ -127,17 +128,16 @@ class RemoteSession:
             why = "connection refused" if isinstance(exc, ConnectionRefusedError) else (exc.strerror or str(exc))
             raise ClientError(f"cannot connect to {ws_url}: {why}") from None
         try:
-            await ws.send(json.dumps({"type": "session.start", "protocol": 1, "input_rate": input_rate,
-                                      "output_rate": output_rate, "client": client}))
+            await ws.send(encode(session_start(input_rate, output_rate, client)))
             async with asyncio.timeout(open_timeout):
                 while True:
                     message = await ws.recv()
                     if not isinstance(message, str):
                         continue
-                    event = json.loads(message)
-                    if event.get("type") == "session.ready":
+                    event = decode(message)
+                    if event.get("type") == MessageType.SESSION_READY:
                         return cls(ws, event, on_event)
-                    if event.get("type") == "error":
+                    if event.get("type") == MessageType.ERROR:
                         raise ClientError(f"server refused the session: {event.get('message')} ({event.get('code')})")
         except ConnectionClosed as exc:
             raise ClientError(f"server closed the connection before the session started (code {exc.code})") from None
@@ -160,23 +160,23 @@ class RemoteSession:
                     else:
                         current.chunks.append(message)
                     continue
-                event = json.loads(message)
+                event = decode(message)
                 self.events.append((now(), event))
                 kind = event.get("type")
-                if kind == "response.audio.start":
+                if kind == MessageType.RESPONSE_AUDIO_START:
                     heard_at = int((now() - self.t0) * self.output_rate)
                     current = AudioSegment(event["turn_id"], max(self._cursor, heard_at))
                     self.segments.append(current)
-                elif kind == "response.audio.end" and current is not None:
+                elif kind == MessageType.RESPONSE_AUDIO_END and current is not None:
                     current.ended = True
                     self._cursor = current.position + current.samples
-                elif kind == "response.interrupted" and current is not None:
+                elif kind == MessageType.RESPONSE_INTERRUPTED and current is not None:
                     self._cursor = current.position + current.samples
-                elif kind == "turn.metrics":
+                elif kind == MessageType.TURN_METRICS:
                     self.metrics[event["turn_id"]] = event
-                elif kind == "session.ended":
+                elif kind == MessageType.SESSION_ENDED:
                     self.ended_reason = event.get("reason")
-                elif kind == "error" and event.get("fatal"):
+                elif kind == MessageType.ERROR and event.get("fatal"):
                     self.fatal_error = event
                 if self.on_event is not None:
                     self.on_event(event)
@@ -228,13 +228,13 @@ class RemoteSession:
         return condition()
 
     async def send_json(self, message: dict[str, Any]) -> None:
-        await self.ws.send(json.dumps(message))
+        await self.ws.send(encode(message))
 
     async def end_input(self) -> None:
-        await self.send_json({"type": "input.end"})
+        await self.send_json({"type": MessageType.INPUT_END})
 
     async def end_session(self) -> None:
-        await self.send_json({"type": "session.end"})
+        await self.send_json({"type": MessageType.SESSION_END})
 
     async def wait_closed(self, timeout: float) -> None:
         """Wait for the server to end the session and close."""
@@ -270,19 +270,19 @@ def _printer(out: Any = sys.stdout) -> Callable[[dict[str, Any]], None]:
 
     def show(event: dict[str, Any]) -> None:
         kind = event.get("type")
-        if kind == "transcript.final":
+        if kind == MessageType.TRANSCRIPT_FINAL:
             print(f"  you: {event['text']}", file=out, flush=True)
-        elif kind == "response.text.done":
+        elif kind == MessageType.RESPONSE_TEXT_DONE:
             print(f"  assistant: {event['text']}", file=out, flush=True)
-        elif kind == "response.interrupted":
+        elif kind == MessageType.RESPONSE_INTERRUPTED:
             print(f"  (interrupted after: {event.get('heard_text', '')!r})", file=out, flush=True)
-        elif kind == "turn.metrics":
+        elif kind == MessageType.TURN_METRICS:
             v2v = event.get("voice_to_voice_ms")
             if v2v is not None:
                 print(f"  voice-to-voice: {v2v:.0f} ms", file=out, flush=True)
             if event.get("status") == "cancelled" and event.get("transcript"):
                 print(f"  (turn cancelled: {event.get('cancel_reason')})", file=out, flush=True)
-        elif kind == "error" and not event.get("fatal"):
+        elif kind == MessageType.ERROR and not event.get("fatal"):
             _say(f"  server error: {event.get('code')}: {event.get('message')}")
 
     return show

@@ -4,17 +4,21 @@
 websocket session: it resamples the reply to the client's rate and sends
 each 20 ms frame ``server.jitter_buffer_ms`` before it is due to play, so a
 client keeps a small buffer and a barge-in has little to throw away.
+
+It paces; it does not speak the protocol: every message it sends (the
+events the server hands it, the audio markers around each segment, the
+audio frames themselves) is built by the connection's
+:class:`~assistant.server.protocol.WireProtocol`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection
@@ -23,12 +27,11 @@ from websockets.exceptions import ConnectionClosed
 from audio.resample import Resampler
 from pipeline.frames import Event, TurnCancelled, now
 
+from .protocol import Message, WireProtocol
 
 log = logging.getLogger("assistant.server")
 
 OUT_FRAME_MS: Final = 20  # reply audio frame length
-
-
 
 
 @dataclass(slots=True)
@@ -71,7 +74,11 @@ class WebSocketOutput:
     so no frame can fall outside them.
     """
 
-    def __init__(self, ws: ServerConnection, sample_rate: int, client_rate: int, jitter_s: float, origin: float) -> None:
+    def __init__(
+        self, ws: ServerConnection, wire: WireProtocol, sample_rate: int, client_rate: int, jitter_s: float,
+        origin: float,
+    ) -> None:
+        self.wire = wire
         self.sample_rate = sample_rate  # what the pipeline writes (TTS rate)
         self.client_rate = client_rate
         self.origin = origin
@@ -88,13 +95,10 @@ class WebSocketOutput:
 
     # ---- events -------------------------------------------------------
 
-    def send_event(self, message: dict[str, Any]) -> None:
+    def send_event(self, message: Message) -> None:
         if not self._closed:
-            self._events.append(json.dumps(message, separators=(",", ":")))
+            self._events.append(self.wire.encode(message))
             self._wake.set()
-
-    def ms(self, at: float) -> float:
-        return round((at - self.origin) * 1000, 1)
 
     # ---- AudioOutput --------------------------------------------------
 
@@ -204,10 +208,7 @@ class WebSocketOutput:
             if turn.closing and turn.queued == 0 and not turn.ended.is_set():
                 if turn.open:
                     turn.open = False
-                    self.send_event(
-                        {"type": "response.audio.end", "turn_id": turn.turn_id, "samples": turn.segment_sent,
-                         "at_ms": self.ms(now())}
-                    )
+                    self.send_event(self.wire.audio_end(turn.turn_id, turn.segment_sent, now()))
                 turn.ended.set()
 
     async def run(self) -> None:
@@ -230,11 +231,8 @@ class WebSocketOutput:
                     if not turn.open:
                         turn.open = True
                         turn.segment_sent = 0
-                        await self._ws.send(
-                            json.dumps({"type": "response.audio.start", "turn_id": turn.turn_id,
-                                        "sample_rate": self.client_rate, "at_ms": self.ms(t)})
-                        )
-                    await self._ws.send(frame.data)
+                        await self._ws.send(self.wire.encode(self.wire.audio_start(turn.turn_id, self.client_rate, t)))
+                    await self._ws.send(self.wire.audio(frame.data))
                     turn.segment_sent += frame.samples
                     turn.sent_total += frame.samples
                     continue
@@ -250,7 +248,7 @@ class WebSocketOutput:
         except ConnectionClosed:
             self.close()
 
-    async def finish(self, sender: asyncio.Task[None], final: dict[str, Any] | None, timeout: float) -> None:
+    async def finish(self, sender: asyncio.Task[None], final: Message | None, timeout: float) -> None:
         """Drop unsent audio, close open segments, send ``final`` last, end the send loop."""
         self._audio.clear()
         for turn in self._turns.values():

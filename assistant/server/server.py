@@ -16,9 +16,13 @@ serving one session closes that session with 1011 and nothing else. No
 exception ever reaches the websockets library's handler (which would log a
 traceback).
 
-The wire format and its checks live in :mod:`assistant.server.protocol`; paced
-reply audio in :mod:`assistant.server.output`. This module is the connection
-lifecycle, the limits, the static files and the process around them.
+This module is the connection lifecycle, the limits (auth, Origin, sizes,
+input rate, session cap, idle timeout), the static files and the process
+around them. It never builds or reads a message: each connection has a
+:class:`~assistant.server.protocol.WireProtocol` (protocol v1, in
+:mod:`assistant.server.protocol`) that parses what the client sends, turns
+the session's events into messages and says how each ending closes; paced
+reply audio is :mod:`assistant.server.output`.
 """
 
 from __future__ import annotations
@@ -51,35 +55,24 @@ from websockets.http11 import Request, Response
 
 from audio.framing import StreamFramer
 from audio.resample import Resampler
-from pipeline.frames import (
-    AudioFrame,
-    BudgetExceeded,
-    Event,
-    LLMDone,
-    LLMToken,
-    ReplyCancelled,
-    ReplyInterrupted,
-    SpeechStarted,
-    SpeechStopped,
-    StageError,
-    TranscriptFinal,
-    TranscriptPartial,
-    TurnCancelled,
-    TurnCompleted,
-    now,
-)
+from pipeline.frames import AudioFrame, Event, now
 from pipeline.runtime import Channel, budgets_of
 
 from ..config import Config
 from ..errors import UserError
 from .protocol import (
-    ENDINGS,
     PROTOCOL_VERSION,
     Ending,
-    InputRateLimit,
+    InputEnd,
+    PlaybackPosition,
     ProtocolError,
+    ProtocolV1,
+    SessionEnd,
     SessionStart,
-    parse_start,
+    WireProtocol,
+    input_too_fast,
+    start_timeout,
+    too_many_sessions,
 )
 from .output import WebSocketOutput
 
@@ -92,6 +85,7 @@ START_TIMEOUT_S: Final = 10.0  # the first message must be session.start by then
 CLOSE_TIMEOUT_S: Final = 2.0  # closing handshake
 SETTLE_TIMEOUT_S: Final = 2.0  # a cancelled session's pipeline gets this long to wind down
 INPUT_QUEUE_FRAMES: Final = 500  # 10 s of 20 ms frames; the oldest are dropped beyond
+RATE_WINDOW_S: Final = 2.0  # the input rate check's burst allowance, in seconds of wall clock
 
 CONTENT_TYPES: Final = {
     ".html": "text/html; charset=utf-8",
@@ -116,6 +110,27 @@ class ListenError(UserError):
     exit_code = 4
 
 
+class InputRateLimit:
+    """A token bucket of audio seconds: refills at ``rate`` x real time.
+
+    It holds ``rate * window_s`` seconds, so a client that sends in bursts
+    (network hiccups, big messages) is fine while one that streams faster
+    than ``rate`` x real time runs dry within a few seconds.
+    """
+
+    def __init__(self, rate: float, window_s: float = RATE_WINDOW_S) -> None:
+        self.rate = rate
+        self.capacity = max(rate * window_s, 1.0)
+        self._tokens = self.capacity
+        self._at = now()
+
+    def take(self, seconds: float, at: float) -> bool:
+        self._tokens = min(self.capacity, self._tokens + (at - self._at) * self.rate)
+        self._at = at
+        self._tokens -= seconds
+        return self._tokens >= 0
+
+
 # --------------------------------------------------------------------------
 # One connection
 # --------------------------------------------------------------------------
@@ -125,7 +140,7 @@ _END_OF_INPUT: Final = object()
 
 
 class _Connection:
-    """One websocket connection: the protocol around one Session."""
+    """One websocket connection: one Session, spoken to through its wire protocol."""
 
     def __init__(self, server: Server, ws: ServerConnection) -> None:
         self.server = server
@@ -134,10 +149,8 @@ class _Connection:
         self.peer = _peer(ws)
         self.session: Any = None
         self.output: WebSocketOutput | None = None
-        self.origin = now()
+        self.wire: WireProtocol = ProtocolV1(now(), self.config.audio.output_rate)
         self._ending: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._open_turns: set[int] = set()
-        self._interrupted: set[int] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._input: Channel[Any] = Channel("ws.input", maxsize=INPUT_QUEUE_FRAMES)
         self._input_closed = False
@@ -165,7 +178,7 @@ class _Connection:
             log.error("session %s: internal error: %s: %s", self.id, type(exc).__name__, exc)
             log.debug("session %s: traceback", self.id, exc_info=True)
             with contextlib.suppress(Exception):
-                await self._close_with(ENDINGS["internal"])
+                await self._close_with(self.wire.ending("internal"))
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -184,26 +197,17 @@ class _Connection:
         from ..session import Session
 
         self.output = WebSocketOutput(
-            self.ws, config.audio.output_rate, start.output_rate, config.server.jitter_buffer_ms / 1000, self.origin
+            self.ws, self.wire, config.audio.output_rate, start.output_rate, config.server.jitter_buffer_ms / 1000,
+            self.wire.origin,
         )
         session = self.session = Session(self.server.models, config, self.output)
-        self.origin = self.output.origin = session.origin
+        self.wire.origin = self.output.origin = session.origin
         self._resampler = Resampler(start.input_rate, config.audio.input_rate)
         session.bus.subscribe(self._on_event)
         session.report.listeners.append(self._on_turn_closed)
         sender = self._spawn(self.output.run(), "send")
-        self.output.send_event(
-            {
-                "type": "session.ready",
-                "protocol": PROTOCOL_VERSION,
-                "session_id": session.id,
-                "input_rate": start.input_rate,
-                "output_rate": start.output_rate,
-                "frame_ms": config.audio.frame_ms,
-                "budgets_ms": {b.stage: b.ms for b in budgets_of(config)},
-                "at_ms": self.output.ms(now()),
-            }
-        )
+        budgets_ms = {b.stage: b.ms for b in budgets_of(config)}
+        self.output.send_event(self.wire.ready(session.id, start, config.audio.frame_ms, budgets_ms))
         log.info("session %s opened from %s (%s), audio in %d Hz, out %d Hz",
                  session.id, self.peer, start.client or "client", start.input_rate, start.output_rate)
         pipeline = self._spawn(session.run(self._frames()), "session")
@@ -233,10 +237,10 @@ class _Connection:
             if not receive.done():
                 receive.cancel()
         if self._ending.done():  # shutdown before the session started
-            await self._close(1001, "server shutting down")
+            await self._close_with(self.wire.ending(self._ending.result()))
             return None
         if receive not in done:
-            await self._refuse("protocol", f"no session.start within {START_TIMEOUT_S:.0f} s", 1008)
+            await self._refuse(start_timeout(START_TIMEOUT_S))
             return None
         try:
             message = receive.result()
@@ -244,27 +248,18 @@ class _Connection:
             return None
         audio = self.config.audio
         try:
-            return parse_start(message, audio.input_rate, audio.output_rate)
+            return self.wire.parse_start(message, audio.input_rate, audio.output_rate)
         except ProtocolError as exc:
-            await self._refuse(exc.code, exc.message, 1008)
+            await self._refuse(exc)
             return None
 
-    async def _refuse(self, code: str, message: str, close_code: int) -> None:
-        log.info("connection from %s refused: %s", self.peer, message)
-        payload = {"type": "error", "code": code, "message": message, "fatal": True,
-                   "at_ms": round((now() - self.origin) * 1000, 1)}
-        with contextlib.suppress(ConnectionClosed):
-            await self.ws.send(json.dumps(payload))
-        await self._close(close_code, message)
-
-    async def _close(self, code: int, reason: str) -> None:
-        # A close reason holds at most 123 bytes of UTF-8.
-        short = reason.encode()[:120].decode("utf-8", "ignore")
-        with contextlib.suppress(ConnectionClosed):
-            await self.ws.close(code, short)
+    async def _refuse(self, error: ProtocolError) -> None:
+        """Close a connection whose session never started: the fatal error, then its close code."""
+        log.info("connection from %s refused: %s", self.peer, error.message)
+        await self._close_with(self.wire.refusal(error))
 
     async def _finish(self, reason: str, pipeline: asyncio.Task[None], sender: asyncio.Task[None]) -> None:
-        ending = ENDINGS[reason]
+        ending = self.wire.ending(reason)
         assert self.output is not None
         if reason == "disconnected":
             self.output.close()
@@ -290,25 +285,19 @@ class _Connection:
         log.info("session %s closed (%s) after %d turn(s)", self.id, reason, turns)
 
     async def _close_with(self, ending: Ending, sender: asyncio.Task[None] | None = None) -> None:
+        """Send the ending's last event (after what the send loop holds, if it runs), then close."""
+        final = self.wire.final(ending, now())
         if self.output is not None and sender is not None and not sender.done():
-            t = self.output.ms(now())
-            final: dict[str, Any] | None = None
-            if ending.error is not None:
-                code, message = ending.error
-                final = {"type": "error", "code": code, "message": message, "fatal": True, "at_ms": t}
-            elif ending.ended_reason is not None:
-                final = {"type": "session.ended", "reason": ending.ended_reason, "at_ms": t}
             await self.output.finish(sender, final, CLOSE_TIMEOUT_S)
-        elif ending.error is not None:
-            code, message = ending.error
+        elif final is not None and ending.error is not None:
             with contextlib.suppress(ConnectionClosed):
-                await self.ws.send(json.dumps({"type": "error", "code": code, "message": message, "fatal": True,
-                                               "at_ms": round((now() - self.origin) * 1000, 1)}))
-        if ending.close_code != 1006:
-            await self._close(ending.close_code, ending.error[1] if ending.error else ending.ended_reason or "")
+                await self.ws.send(self.wire.encode(final))
+        if ending.closes:
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.close(ending.close_code, ending.close_reason)
 
     def _cancel_turns(self, reason: str) -> None:
-        for turn_id in sorted(self._open_turns):
+        for turn_id in self.wire.open_turns:
             self.session.cancel_turn(turn_id, reason)
 
     # ---- input ----------------------------------------------------------
@@ -333,17 +322,14 @@ class _Connection:
 
     def _on_audio(self, data: bytes) -> None:
         assert self._start is not None and self._resampler is not None
-        if self._input_closed:
-            if self._draining:
-                return
-            raise ProtocolError("bad_audio", "audio after input.end is ignored")
-        if len(data) % 2:
-            raise ProtocolError("bad_audio", f"binary frame of odd length ({len(data)} bytes): expected PCM16")
+        if self._input_closed and self._draining:
+            return
+        self.wire.check_audio(data, self._input_closed)
         if not data:
             return
         arrived = now()
         if not self._limit.take(len(data) / 2 / self._start.input_rate, arrived):
-            raise ProtocolError("input_rate", "audio is arriving faster than the server allows", fatal=True)
+            raise input_too_fast()
         pcm = np.frombuffer(data, dtype="<i2").astype(np.int16)
         self._push(self._resampler.process(pcm), arrived)
 
@@ -372,105 +358,32 @@ class _Connection:
                 if exc.fatal:
                     self.end(exc.code)
                     return
-                assert self.output is not None
-                self.output.send_event({"type": "error", "code": exc.code, "message": exc.message, "fatal": False,
-                                        "at_ms": self.output.ms(now())})
+                self._send(self.wire.error(exc.code, exc.message, fatal=False, at=now()))
 
     def _on_text(self, text: str) -> None:
-        try:
-            message = json.loads(text)
-        except ValueError:
-            raise ProtocolError("bad_message", "text frame is not JSON") from None
-        if not isinstance(message, dict):
-            raise ProtocolError("bad_message", "expected a JSON object with a \"type\"")
-        kind = message.get("type")
-        if kind == "playback.position":
-            turn_id, samples = message.get("turn_id"), message.get("samples")
-            if type(turn_id) is not int or type(samples) is not int or samples < 0:
-                raise ProtocolError("bad_message", "playback.position: turn_id and samples must be integers >= 0")
-            assert self.output is not None
-            self.output.report_position(turn_id, samples)
-        elif kind == "input.end":
-            self._end_input()
-        elif kind == "session.end":
-            self.end("session_end")
-        elif kind == "session.start":
-            raise ProtocolError("bad_message", "the session has already started")
-        elif not isinstance(kind, str):
-            raise ProtocolError("bad_message", "message has no \"type\"")
-        else:
-            raise ProtocolError("bad_message", f"unknown message type {kind[:40]!r}")
+        match self.wire.parse(text):
+            case PlaybackPosition(turn_id=turn_id, samples=samples):
+                assert self.output is not None
+                self.output.report_position(turn_id, samples)
+            case InputEnd():
+                self._end_input()
+            case SessionEnd():
+                self.end("session_end")
 
     # ---- events out -----------------------------------------------------
 
-    def _on_event(self, event: Event) -> None:
-        """Bus observer: pipeline events as protocol events (must be quick)."""
-        assert self.output is not None
-        out = self.output
-        turn_id = event.turn_id
-        base: dict[str, Any] = {"turn_id": turn_id}
-        message: dict[str, Any] | None = None
-        match event:
-            case SpeechStarted():
-                if turn_id is not None:
-                    self._open_turns.add(turn_id)
-                message = {"type": "speech.started", **base, "barge_in": bool(getattr(event, "barge_in", False))}
-            case SpeechStopped():
-                message = {"type": "speech.stopped", **base, "speech_end_ms": out.ms(event.last_voiced_at)}
-            case TranscriptPartial():
-                message = {"type": "transcript.partial", **base, "text": event.text}
-            case TranscriptFinal() if not event.speculative:
-                message = {"type": "transcript.final", **base, "text": event.text}
-            case LLMToken():
-                message = {"type": "response.text.delta", **base, "text": event.text}
-            case LLMDone():
-                message = {"type": "response.text.done", **base, "text": event.text}
-            case ReplyCancelled():
-                message = {"type": "response.cancelled", **base, "reason": event.reason}
-            case ReplyInterrupted():
-                if turn_id is not None:
-                    self._interrupted.add(turn_id)
-                rate = event.sample_rate or out.sample_rate
-                message = {
-                    "type": "response.interrupted",
-                    **base,
-                    "heard_text": event.heard_text,
-                    "played_samples": int(round(event.played_samples * out.client_rate / rate)),
-                    "stop_ms": round(event.stop_ms, 1),
-                    "by_turn": event.by_turn,
-                }
-            case BudgetExceeded():
-                message = {"type": "budget.exceeded", **base, "stage": event.stage, "budget_ms": event.budget_ms,
-                           "elapsed_ms": event.elapsed_ms, "policy": event.policy}
-            case StageError():
-                message = {"type": "error", "code": "stage_failed", **base,
-                           "message": f"{event.stage}: {event.message}", "fatal": False}
-            case TurnCompleted() | TurnCancelled():
-                pass  # turn.metrics comes from the report, once it has closed the turn
+    def _send(self, message: dict[str, Any] | None) -> None:
         if message is not None:
-            message["at_ms"] = out.ms(event.at)
-            out.send_event(message)
+            assert self.output is not None
+            self.output.send_event(message)
+
+    def _on_event(self, event: Event) -> None:
+        """Bus observer: the session's events, as the wire says them (must be quick)."""
+        self._send(self.wire.on_event(event))
 
     def _on_turn_closed(self, record: Any) -> None:
-        assert self.output is not None
-        self._open_turns.discard(record.turn_id)
-        data = self.session.report.turn_json(record)
-        self.output.send_event(
-            {
-                "type": "turn.metrics",
-                "turn_id": record.turn_id,
-                "status": data["status"],
-                "cancel_reason": data["cancel_reason"],
-                "interrupted": bool(data.get("interrupted")) or record.turn_id in self._interrupted,
-                "heard_text": data.get("heard_text"),
-                "transcript": data["transcript"],
-                "reply": data["reply"],
-                "voice_to_voice_ms": data["voice_to_voice_ms"],
-                "latency_ms": data["latency_ms"],
-                "budgets": data["budgets"],
-                "at_ms": self.output.ms(now()),
-            }
-        )
+        """Report listener: a closed turn's metrics."""
+        self._send(self.wire.turn_metrics(record.turn_id, self.session.report.turn_json(record)))
 
 
 def _peer(ws: ServerConnection) -> str:
@@ -585,11 +498,7 @@ class Server:
         if len(self._connections) >= self.config.server.max_sessions:
             log.info("connection from %s refused: %d sessions open", connection.peer, len(self._connections))
             with contextlib.suppress(Exception):
-                await connection._refuse(
-                    "too_many_sessions",
-                    f"the server is at its limit of {self.config.server.max_sessions} sessions; try again later",
-                    1013,
-                )
+                await connection._refuse(too_many_sessions(self.config.server.max_sessions))
             return
         self._connections.add(connection)
         try:
