@@ -166,9 +166,9 @@ class VADStage(Stage):
 
     # ---- commands from the turn controller -------------------------------
 
-    def require_silence(self, turn_id: int, silence_ms: int) -> None:
+    def require_silence(self, turn_id: int, silence_ms: int | None) -> None:
         """End this pause of ``turn_id`` after ``silence_ms`` instead of the
-        default (until the voice comes back)."""
+        default (None: the default; until the voice comes back)."""
         if turn_id == self._turn_id:
             self._required_silence = silence_ms
 

@@ -147,6 +147,7 @@ class TurnController:
                 self._speech_started(turn_id, event)
             case SpeechPaused():
                 self._paused.add(turn_id)
+                self._await_the_words(turn_id)
             case SpeechResumed():
                 self._paused.discard(turn_id)
                 if self._early.pop(turn_id, None) is not None:
@@ -194,14 +195,30 @@ class TurnController:
                 for playing in sorted(self.floor.assistant_turns - {turn_id}):
                     self.interrupt(playing, event.onset_at, turn_id)
 
+    def _await_the_words(self, turn_id: int) -> None:
+        """A pause has begun: it ends the turn only once its words are read.
+
+        The decode of the whole utterance is started at the pause and is
+        usually ready before the VAD's own hangover has passed; on a slow
+        CPU it is not, and the hangover alone would cut "I need some help
+        with ..." in two. So until the words arrive the pause may run up to
+        the unfinished-phrase wait; :meth:`_at_pause` then sets the real one
+        (a complete question ends at once if enough silence has passed).
+        Input faster than real time has no such clock: there the VAD's own
+        hangover stands until the words come.
+        """
+        vad = self.stages.vad
+        if self.settings.realtime and vad is not None:
+            vad.require_silence(turn_id, self.settings.endpoint.incomplete_ms)
+
     def _at_pause(self, turn_id: int, text: str) -> None:
         """The user paused and a decode heard all they said: endpointing,
         and perhaps the reply right away, during the silence hangover."""
         rule = self.settings.endpoint
         silence = rule.silence_ms(text)
         vad = self.stages.vad
-        if silence is not None and vad is not None:
-            vad.require_silence(turn_id, silence)
+        if vad is not None:
+            vad.require_silence(turn_id, silence)  # None: the VAD's own hangover
         if (
             self.settings.early_reply
             and rule.classify(text) != "unfinished"
@@ -290,6 +307,7 @@ class TurnController:
                 or turn is None
                 or turn.cancelled
                 or playback.has_started(turn_id)
+                or not self.floor.may_play(turn_id)  # never over the user, not even "One moment."
             ):
                 return
             self._acknowledged.add(turn_id)
