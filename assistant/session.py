@@ -91,6 +91,8 @@ def pipeline_settings(config: Config, realtime: bool = True, with_silero: bool =
             early_reply=a.final_at_pause,
             realtime=realtime,
             barge_in=config.barge_in.enabled,
+            # the VAD's hangover plus the pause decode's usual lateness on a slow CPU
+            await_words_ms=min(config.vad.incomplete_silence_ms, config.vad.silence_ms + 300),
             acknowledgement=config.budgets.acknowledgement,
             apology=config.budgets.apology,
         ),

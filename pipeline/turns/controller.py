@@ -82,6 +82,9 @@ class TurnSettings:
     # compressed clock: every turn is answered in order, budgets only reported.
     realtime: bool = True
     barge_in: bool = True
+    # How long a pause may run while its words are still being read (see
+    # TurnController._await_the_words); None: the VAD's own hangover.
+    await_words_ms: int | None = 780
     acknowledgement: str = "One moment."
     apology: str = "Sorry, that took too long."
 
@@ -201,15 +204,16 @@ class TurnController:
         The decode of the whole utterance is started at the pause and is
         usually ready before the VAD's own hangover has passed; on a slow
         CPU it is not, and the hangover alone would cut "I need some help
-        with ..." in two. So until the words arrive the pause may run up to
-        the unfinished-phrase wait; :meth:`_at_pause` then sets the real one
-        (a complete question ends at once if enough silence has passed).
-        Input faster than real time has no such clock: there the VAD's own
-        hangover stands until the words come.
+        with ..." in two. So until the words arrive the pause may run a
+        little longer (``await_words_ms``, short of a quick next question's
+        gap); :meth:`_at_pause` then sets the real one (a complete question
+        ends at once if enough silence has passed). Input faster than real
+        time has no such clock: there the VAD's own hangover stands.
         """
         vad = self.stages.vad
-        if self.settings.realtime and vad is not None:
-            vad.require_silence(turn_id, self.settings.endpoint.incomplete_ms)
+        wait = self.settings.await_words_ms
+        if self.settings.realtime and vad is not None and wait is not None:
+            vad.require_silence(turn_id, wait)
 
     def _at_pause(self, turn_id: int, text: str) -> None:
         """The user paused and a decode heard all they said: endpointing,
