@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .frames import AudioFrame, SpeechPaused, SpeechResumed, SpeechStarted, SpeechStopped
-from .runtime import PipelineContext, Stage
+from .runtime import EventBus, PipelineContext, Stage, TurnRegistry
 
 log = logging.getLogger("pipeline.vad")
 
@@ -340,8 +340,6 @@ async def count_turns(
     ``converse`` uses it to answer an input that holds only silence or noise
     at once, without loading the language model.
     """
-    from .runtime import EventBus, TurnRegistry
-
     bus = EventBus()
     vad = VADStage(PipelineContext(bus=bus, turns=TurnRegistry(bus)), settings, silero=silero)
     starts: list[SpeechStarted] = []

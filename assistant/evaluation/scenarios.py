@@ -176,7 +176,6 @@ async def run_scenario(
         )
     room = SimulatedRoom(pcm, config, echo, canceller)
     session = Session(models, config, room.output, echo_canceller=canceller)
-    session.bus.subscribe(room.output.observe)
     events: list[Any] = []
     session.bus.subscribe(events.append)
     start = now()
