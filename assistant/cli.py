@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scen.add_argument("--echo-gain-db", type=float, default=-10.0, help="echo level relative to the speaker")
     scen.add_argument("--no-cancel", action="store_true", help="leave the echo canceller off (to see why it is there)")
+    scen.add_argument(
+        "--fresh-canceller",
+        action="store_true",
+        help="start each scenario with a canceller that has heard nothing yet (default: it has heard 3 s of the "
+        "assistant's voice in the room, as on a kiosk that has been running)",
+    )
     scen.add_argument("--json", metavar="OUT.json", help="write every run and the summary")
 
     sub.add_parser("devices", parents=[common], help="list audio devices")

@@ -43,7 +43,13 @@ echo, 89-100% of the user's voiced frames stay voiced, the onset is heard
 0-60 ms late, the level drops 1-5 dB; with the echo as loud as the user,
 81% (AEC3's suppressor ducks a 0.4 s stretch mid-utterance; the onset is
 still heard within 60 ms). Echo alone after cancellation is not speech to
-webrtcvad (under 5% of frames, none louder than -50 dBFS). A 22.05 or 48
+webrtcvad (under 5% of frames, none louder than -50 dBFS). A *fresh* AEC3
+ducks the near end through its first second or so of far-end audio: a user
+talking 0.3 s into the first reply of a canceller's life is heard 280-360 ms
+late (20 ms once it has heard one earlier reply), so a kiosk's first
+barge-in after start is slower than the rest; the scenario harness starts
+from a canceller that has heard 3 s of the assistant's voice
+(``voice-assistant scenarios --fresh-canceller`` shows the first-reply case). A 22.05 or 48
 kHz reference in 20 ms blocks with 2 ms stamp jitter: 53 dB. (ERLE here is
 AEC3's whole output: linear filter plus suppressor.) A loudspeaker driven into distortion (``RoomEcho(drive=3)``) leaves
 residual peaks of -41 dBFS: nonlinear echo is only partly removed. CPU: 0.3

@@ -39,6 +39,8 @@ from ..errors import InputError
 from ..models import Models
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "audio_assets" / "scenarios"
+# What the canceller heard before a scenario (EchoSettings.converged_s).
+_GREETING = "Hello! I am your voice assistant. Ask me anything, and interrupt me whenever you like."
 
 
 @dataclass
@@ -50,6 +52,13 @@ class EchoSettings:
     rt60_ms: float = 200.0
     seed: int = 0
     cancel: bool = True  # run the session's echo canceller
+    # Seconds of the assistant's voice the canceller has already heard in
+    # this room before the scenario starts (a kiosk that has been running).
+    # A fresh AEC3 ducks the near end during its first seconds of far-end
+    # audio: measured on the committed speech, a user talking 0.3 s into the
+    # first reply of the canceller's life is heard 280-360 ms late, against
+    # 20 ms once it has heard one earlier reply. 0: a fresh canceller.
+    converged_s: float = 3.0
 
 
 class SimulatedRoom:
@@ -79,6 +88,33 @@ class SimulatedRoom:
         self._mic_fed = 0  # the same, in microphone samples
         self.echo_energy = 0.0
         self.t0 = 0.0
+        self._echo = echo
+
+    def converge(self, voice: np.ndarray, before: float) -> None:
+        """Let the canceller hear ``voice`` (the assistant's, at the mic rate)
+        through this room, ending a second before ``before``: what a kiosk's
+        canceller has adapted to by the time a user walks up. The room's
+        impulse response is the same (same settings and seed); the session
+        never sees these frames."""
+        if self.canceller is None or self._echo is None or not len(voice):
+            return
+        from audio.room import RoomEcho
+
+        e = self._echo
+        room = RoomEcho(sample_rate=self.rate, delay_ms=e.delay_ms, gain_db=e.gain_db, rt60_ms=e.rt60_ms, seed=e.seed)
+        size = self.rate * self.frame_ms // 1000
+        frames = -(-len(voice) // size) + -(-int(0.3 * self.rate) // size)  # the voice, then its tail
+        t0 = before - 1.0 - frames * size / self.rate
+        played = np.zeros(frames * size, np.float64)
+        played[: len(voice)] = voice
+        room.play(played, self.rate, 0)
+        rng = np.random.default_rng(e.seed)
+        for i in range(frames):
+            lo = i * size
+            self.canceller.reference(played[lo : lo + size].astype(np.int16), self.rate, t0 + lo / self.rate)
+            mic = np.asarray(room.echo(lo, size), dtype=np.float64) + rng.normal(0.0, 2.0, size)
+            pcm = np.clip(mic, -32768, 32767).astype(np.int16)
+            self.canceller.process(AudioFrame(pcm=pcm, sample_rate=self.rate, captured_at=t0 + (lo + size) / self.rate))
 
     def _play_until(self, mic_end: int) -> None:
         """Pass what the speaker played up to ``mic_end`` to the room and the canceller."""
@@ -179,6 +215,9 @@ async def run_scenario(
     events: list[Any] = []
     session.bus.subscribe(events.append)
     start = now()
+    if echo is not None and echo.converged_s > 0:
+        greeting = models.phrase(_GREETING, rate)[: int(echo.converged_s * rate)]
+        room.converge(greeting, before=start)
     await session.run(room.frames(start))
     origin = start
     interruptions = [
@@ -304,7 +343,11 @@ def scenarios_command(args: Any, config: Config) -> int:
             raise InputError(f"no such scenario: {', '.join(unknown)} (have: {', '.join(s['name'] for s in scenarios)})")
         scenarios = [s for s in scenarios if s["name"] in args.only]
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.echo]
-    echoes = [EchoSettings(delay_ms=d, gain_db=args.echo_gain_db, cancel=not args.no_cancel) for d in args.echo_delay_ms]
+    converged = 0.0 if args.fresh_canceller else EchoSettings.converged_s
+    echoes = [
+        EchoSettings(delay_ms=d, gain_db=args.echo_gain_db, cancel=not args.no_cancel, converged_s=converged)
+        for d in args.echo_delay_ms
+    ]
     print("loading models...", file=sys.stderr)
     models = load_models(config)
 
