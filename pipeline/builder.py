@@ -63,6 +63,8 @@ class PipelineSettings:
     asr: ASRSettings = field(default_factory=ASRSettings)
     chunker: ChunkerSettings = field(default_factory=ChunkerSettings)
     output_rate: int = 22050
+    # What the LLM stage says when its engine fails (see pipeline/llm.py).
+    error_reply: str = "Sorry, I can't answer right now. Please try again in a moment."
     history: HistorySettings = field(default_factory=HistorySettings)
     turns: TurnSettings = field(default_factory=TurnSettings)
     budgets: tuple[Budget, ...] = ()
@@ -154,7 +156,7 @@ def build_pipeline(
         partial_interval_ms=settings.asr.partial_interval_ms,
         min_partial_audio_ms=settings.asr.min_partial_audio_ms,
     )
-    llm = LLMStage(ctx, components.llm, conversation, session_id)
+    llm = LLMStage(ctx, components.llm, conversation, session_id, error_reply=settings.error_reply)
     c = settings.chunker
     chunker = ChunkerStage(
         ctx,

@@ -1,12 +1,20 @@
 """The language model stage: a reply request in, a stream of tokens out.
 
-The engine is vLLM's in-process ``AsyncLLM`` (shared by every session of the
-process; its scheduler batches concurrent sessions). This module knows
-nothing about how the engine was built (see ``assistant/models.py``); it
-only needs :class:`LanguageModel`'s two calls. Cancelling the turn cancels
-the task iterating the stream, which closes vLLM's generator and aborts the
-request in the engine; ``abort`` is called as well so that no request is
-ever left running.
+The engine is vLLM: in-process (``AsyncLLM``) or a vLLM server over HTTP,
+shared by every session of the process either way (its scheduler batches
+concurrent sessions). This module knows nothing about which, or how it was
+built (see ``assistant/engine/``); it only needs :class:`LanguageModel`'s
+calls. Cancelling the turn cancels the task iterating the stream; the
+stream is always closed (which aborts the request in an in-process engine
+and, by closing the HTTP response, in a server), and ``abort`` is called as
+well so that no request is ever left running.
+
+An engine that fails (a server down or refusing, a crashed engine) raises
+:class:`EngineUnavailable` or anything else: the stage then reports a
+:class:`StageError` (the client's ``error`` event) and writes the configured
+error reply in place of the answer, which is spoken like any reply: after
+the user has finished, and stoppable by barge-in. The session goes on; the
+turn controller keeps that exchange out of the history.
 
 The prompt comes from the session's conversation history
 (:class:`pipeline.turns.Conversation`), which only the turn controller
@@ -21,17 +29,25 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from .frames import LLMDone, LLMToken, ReplyRequest
+from .frames import LLMDone, LLMToken, ReplyRequest, StageError
 from .runtime import PipelineContext, Stage
 
 log = logging.getLogger("pipeline.llm")
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine cannot answer now (unreachable, refusing, stopped); the
+    message is a sentence that says why (logged on one line, no traceback)."""
+
+
 class LanguageModel(Protocol):
     """What the stage needs from an engine."""
 
-    def stream(self, messages: list[dict[str, str]], request_id: str) -> AsyncIterator[tuple[str, str | None]]:
-        """Yield ``(text_delta, finish_reason_or_None)`` pairs."""
+    def stream(
+        self, messages: list[dict[str, str]], request_id: str, session_id: str = ""
+    ) -> AsyncIterator[tuple[str, str | None]]:
+        """Yield ``(text_delta, finish_reason_or_None)`` pairs. ``session_id``
+        lets a router keep a session on the replica that caches its prefix."""
         ...
 
     async def abort(self, request_id: str) -> None: ...
@@ -52,11 +68,19 @@ class LLMStage(Stage):
     scope = "reply"
     _ids = itertools.count(1)
 
-    def __init__(self, ctx: PipelineContext, model: LanguageModel, history: PromptSource, session_id: str) -> None:
+    def __init__(
+        self,
+        ctx: PipelineContext,
+        model: LanguageModel,
+        history: PromptSource,
+        session_id: str,
+        error_reply: str = "",
+    ) -> None:
         super().__init__(ctx)
         self.model = model
         self.history = history
         self.session_id = session_id
+        self.error_reply = error_reply
 
     async def handle(self, item: Any) -> None:
         if not isinstance(item, ReplyRequest):
@@ -67,9 +91,11 @@ class LLMStage(Stage):
         parts: list[str] = []
         finish: str | None = None
         finished = False
+        failure: str | None = None
         index = 0
+        stream = self.model.stream(self.history.messages(upto=turn_id), request_id, self.session_id)
         try:
-            async for delta, reason in self.model.stream(self.history.messages(upto=turn_id), request_id):
+            async for delta, reason in stream:
                 if delta:
                     parts.append(delta)
                     await self.send(LLMToken(turn_id=turn_id, text=delta, index=index))
@@ -77,45 +103,23 @@ class LLMStage(Stage):
                 if reason is not None:
                     finish = reason
             finished = True
+        except EngineUnavailable as exc:
+            failure = str(exc)
+            log.warning("turn %d: %s", turn_id, failure)
+        except Exception as exc:  # the engine broke mid-turn: the session goes on
+            failure = f"the language model failed: {type(exc).__name__}: {exc}"
+            log.error("turn %d: %s", turn_id, failure, exc_info=exc)
         finally:
-            if not finished:  # cancelled: make sure no request is left running
+            await stream.aclose()  # at once, not whenever the generator is collected
+            if not finished:  # cancelled or failed: make sure no request is left running
                 await self.model.abort(request_id)
+        if failure is not None:
+            self.publish(StageError(turn_id=turn_id, stage=self.name, message=failure))
+            if self.error_reply:
+                text = (" " if parts else "") + self.error_reply
+                parts.append(text)
+                await self.send(LLMToken(turn_id=turn_id, text=text, index=index))
+                index += 1
+            finish = "error"
         reply = "".join(parts).strip()
         await self.send(LLMDone(turn_id=turn_id, text=reply, tokens=index, finish_reason=finish))
-
-
-class VLLMModel:
-    """:class:`LanguageModel` over a vLLM ``AsyncLLM`` engine and its tokenizer."""
-
-    def __init__(self, engine: Any, tokenizer: Any, max_tokens: int, temperature: float, top_p: float) -> None:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p if temperature > 0 else 1.0,
-            output_kind=RequestOutputKind.DELTA,
-        )
-
-    def prompt(self, messages: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    async def stream(self, messages: list[dict[str, str]], request_id: str) -> AsyncIterator[tuple[str, str | None]]:
-        async for output in self.engine.generate(self.prompt(messages), self.params, request_id):
-            completion = output.outputs[0]
-            yield completion.text, completion.finish_reason if output.finished else None
-
-    async def abort(self, request_id: str) -> None:
-        try:
-            await self.engine.abort(request_id)
-        except Exception:  # already finished or engine shutting down
-            log.debug("abort of %s failed", request_id, exc_info=True)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def pending_requests(self) -> int:
-        return int(self.engine.get_num_unfinished_requests())

