@@ -11,6 +11,15 @@ from the server's ``turn.metrics`` events.
 
     .venv/bin/python scripts/bench_server.py --sessions 4
     .venv/bin/python scripts/bench_server.py --url ws://host:8765 --sessions 4 --token T
+
+Several voice servers sharing one engine (``serve --set llm.engine=remote``
+each, the sessions spread over them in turn), with the engine's own figures
+read from its ``/metrics`` before and after (prefix-cache hit rate,
+speculative acceptance, time to first token, inter-token latency, requests
+per engine step):
+
+    .venv/bin/python scripts/bench_server.py --sessions 4 \\
+        --url ws://127.0.0.1:8801 ws://127.0.0.1:8802 --engine-url http://127.0.0.1:8000/v1
 """
 
 from __future__ import annotations
@@ -51,9 +60,42 @@ async def one_session(url: str, token: str | None, index: int, questions: list[n
     return {"session": session.session_id, "turns": turns, "ended": session.ended_reason, "close": session.close_code}
 
 
-async def bench(url: str, token: str | None, sessions: int, questions: list[np.ndarray], gap_s: float,
+async def bench(urls: list[str], token: str | None, sessions: int, questions: list[np.ndarray], gap_s: float,
                 stagger_s: float) -> list[dict[str, Any]]:
-    return list(await asyncio.gather(*(one_session(url, token, i, questions, gap_s, stagger_s) for i in range(sessions))))
+    """N sessions, spread over the servers in turn (session i on server i mod len)."""
+    runs = [one_session(urls[i % len(urls)], token, i, questions, gap_s, stagger_s) for i in range(sessions)]
+    results = list(await asyncio.gather(*runs))
+    for i, r in enumerate(results):
+        r["server"] = urls[i % len(urls)]
+    return results
+
+
+def engine_figures(before: list[Any], after: list[Any]) -> dict[str, float | None]:
+    """The engine's own figures over the run, from two /metrics scrapes."""
+    from assistant.engine.remote import total
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if b else None
+
+    return {
+        "requests": delta("vllm:e2e_request_latency_seconds_count"),
+        "prefix_cache_hit_rate": ratio(delta("vllm:prefix_cache_hits_total"), delta("vllm:prefix_cache_queries_total")),
+        "spec_acceptance": ratio(
+            delta("vllm:spec_decode_num_accepted_tokens_total"), delta("vllm:spec_decode_num_draft_tokens_total")
+        ),
+        "ttft_mean_ms": _ms(ratio(delta("vllm:time_to_first_token_seconds_sum"),
+                                  delta("vllm:time_to_first_token_seconds_count"))),
+        "itl_mean_ms": _ms(ratio(delta("vllm:inter_token_latency_seconds_sum"),
+                                 delta("vllm:inter_token_latency_seconds_count"))),
+        "tokens_per_step": ratio(delta("vllm:iteration_tokens_total_sum"), delta("vllm:iteration_tokens_total_count")),
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
 
 
 async def in_process(args: argparse.Namespace, questions: list[np.ndarray]) -> list[dict[str, Any]]:
@@ -67,14 +109,15 @@ async def in_process(args: argparse.Namespace, questions: list[np.ndarray]) -> l
         await models.warm_up()
         async with Server(models, config, host="127.0.0.1", port=0, token="") as server:
             print(f"server on {server.ws_url}", file=sys.stderr, flush=True)
-            return await bench(server.ws_url, None, args.sessions, questions, args.gap, args.stagger)
+            return await bench([server.ws_url], None, args.sessions, questions, args.gap, args.stagger)
     finally:
         models.close()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", help="a running server (default: start one in-process)")
+    parser.add_argument("--url", nargs="+", help="running server(s) (default: start one in-process)")
+    parser.add_argument("--engine-url", help="the remote engine the servers share: report its /metrics figures")
     parser.add_argument("--token", help="bearer token for --url")
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--questions", type=int, default=0, help="use only the first N questions (0 = all)")
@@ -89,6 +132,16 @@ def main() -> int:
     if args.questions:
         files = files[: args.questions]
     questions = [read_wav(f)[0] for f in files]
+    scrape = None
+    if args.engine_url:
+        from assistant.engine.remote import scrape as scrape_url
+
+        root = args.engine_url.rstrip("/").removesuffix("/v1")
+
+        def scrape() -> list[Any]:
+            return scrape_url(root + "/metrics")
+
+        before = scrape()
     started = time.monotonic()
     if args.url:
         results = asyncio.run(bench(args.url, args.token, args.sessions, questions, args.gap, args.stagger))
@@ -109,8 +162,21 @@ def main() -> int:
     if v2v:
         print(f"voice-to-voice: p50 {percentile(v2v, 50):.0f} ms, p95 {percentile(v2v, 95):.0f} ms, "
               f"max {max(v2v):.0f} ms, mean {statistics.fmean(v2v):.0f} ms (n={len(v2v)})")
+    servers = sorted({r.get("server") for r in results if r.get("server")})
+    if len(servers) > 1:
+        for url in servers:
+            own = [t["voice_to_voice_ms"] for r in results if r.get("server") == url for t in r["turns"]
+                   if t["status"] == "completed" and t["voice_to_voice_ms"] is not None]
+            if own:
+                print(f"  {url}: p50 {percentile(own, 50):.0f} ms, p95 {percentile(own, 95):.0f} ms (n={len(own)})")
+    figures = None
+    if scrape is not None:
+        figures = engine_figures(before, scrape())
+        shown = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in figures.items())
+        print(f"engine: {shown}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"sessions": results, "wall_s": round(wall, 1)}, indent=2) + "\n")
+        data = {"sessions": results, "wall_s": round(wall, 1), "engine": figures}
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
     return 0 if completed == expected else 1
 
 

@@ -19,12 +19,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from assistant.config import Config, load_config  # noqa: E402
-from helpers import ASSETS  # noqa: E402
+from helpers import ASSETS, TEST_OVERRIDES  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def config() -> Config:
-    return load_config()
+    return load_config(overrides=TEST_OVERRIDES)
 
 
 @pytest.fixture(scope="session")

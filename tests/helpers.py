@@ -11,6 +11,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "audio_assets"
 
+# Config every test runs with, in process and on the command line. No test
+# may depend on how long the model's answer happens to be: the int4 kernels
+# of an AVX-512 CPU answered "What is the capital of France?" with the one
+# token "Paris", the fp32 ones of an AVX2 CPU with a sentence. A floor of
+# 12 tokens (about 2-3 s of speech) gives every test a reply to hear and to
+# interrupt on both.
+TEST_OVERRIDES = ["llm.min_tokens=12"]
+
+
+def cli_flags() -> list[str]:
+    """TEST_OVERRIDES as command-line flags."""
+    return [flag for override in TEST_OVERRIDES for flag in ("--set", override)]
+
 
 def question_files() -> list[Path]:
     return sorted((ASSETS / "questions").glob("*.wav"))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from audio.files import decode_file, read_wav, write_wav
-from helpers import ASSETS, ROOT, transcribe, word_error_rate, words
+from helpers import ASSETS, ROOT, cli_flags, transcribe, word_error_rate, words
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -108,7 +108,7 @@ def test_converse_on_a_stereo_44k_flac(tmp_path: Path, models: Any) -> None:
     """The real command on a file in another format, rate and channel count."""
     source = ASSETS / "misc" / "stereo_44k.flac"
     out, report = tmp_path / "reply.wav", tmp_path / "report.json"
-    result = cli("converse", str(source), "--output", str(out), "--report", str(report), timeout=600)
+    result = cli("converse", str(source), "--output", str(out), "--report", str(report), *cli_flags(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     data = json.loads(report.read_text())

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from audio.files import read_wav
-from helpers import ASSETS, ROOT, transcribe, word_error_rate, words
+from helpers import ASSETS, ROOT, cli_flags, transcribe, word_error_rate, words
 from virtual_audio import VirtualAudio, skip_if_unavailable
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def test_mic_mode_hears_a_question_and_speaks_the_reply(tmp_path: Path, models: 
     heard = tmp_path / "speaker.wav"
     with VirtualAudio(tmp_path / "pulse") as va:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "assistant", "mic", "--report", str(report), "--max-seconds", "40"],
+            [sys.executable, "-m", "assistant", "mic", "--report", str(report), "--max-seconds", "40", *cli_flags()],
             cwd=ROOT,
             env={**os.environ, **va.env},
             stderr=subprocess.PIPE,
