@@ -66,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     mic.add_argument("--report", "-r", metavar="REPORT.json", help="write the turns on exit")
     mic.add_argument("--max-seconds", type=float, default=None, help="stop after this long")
 
+    kiosk = sub.add_parser(
+        "kiosk", parents=[common], help="unattended microphone and speaker: wake word, systemd, metrics",
+        description=(
+            "What `mic` does, for a box left alone: it sleeps until it hears its wake word (kiosk.wake_word), "
+            "greets at start-up, tells systemd it is ready and alive (Type=notify, WatchdogSec), reopens lost "
+            "audio devices, and serves /metrics and /healthz on kiosk.metrics_port (deploy/voice-kiosk.service)."
+        ),
+    )
+    kiosk.add_argument("--input-device", metavar="DEVICE", help="index or name (see `devices`)")
+    kiosk.add_argument("--output-device", metavar="DEVICE", help="index or name (see `devices`)")
+    kiosk.add_argument("--max-seconds", type=float, default=None, help="stop after this long")
+
     bench = sub.add_parser(
         "bench", parents=[common], help="per-stage latency over spoken questions (p50/p95/max)"
     )
@@ -169,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             return converse(args, config)
         if args.command == "mic":
             return mic(args, config)
+        if args.command == "kiosk":
+            from .kiosk import kiosk
+
+            return kiosk(args, config)
         if args.command == "bench":
             from .evaluation.bench import bench
 

@@ -172,6 +172,17 @@ class ServerConfig:
 
 
 @dataclass
+class KioskConfig:
+    wake_word: str
+    wake_threshold: float | None
+    idle_s: float
+    greeting: str
+    earcon: str
+    metrics_host: str
+    metrics_port: int
+
+
+@dataclass
 class Config:
     audio: AudioConfig
     vad: VADConfig
@@ -183,6 +194,7 @@ class Config:
     barge_in: BargeInConfig
     echo: EchoConfig
     server: ServerConfig
+    kiosk: KioskConfig
     log_level: Literal["debug", "info", "warning", "error"] = field(default="info")
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,6 +256,8 @@ _CHECKS: dict[str, tuple[Any, Any]] = {
     "server.max_input_rate": (1.0, 100.0),
     "server.jitter_buffer_ms": (0, 5000),
     "server.shutdown_grace_s": (0, 60),
+    "kiosk.idle_s": (1.0, 3600.0),
+    "kiosk.metrics_port": (0, 65535),
 }
 
 

@@ -4,11 +4,17 @@ The device callbacks run on PortAudio's threads; this module hops their data
 onto the event loop (``call_soon_threadsafe``) and never blocks them: if the
 pipeline falls behind, the oldest microphone frames are dropped (counted in
 ``overflows``) rather than stalling the capture.
+
+A kiosk runs for weeks: :meth:`LiveAudio.supervise` notices a microphone
+that stopped delivering (unplugged, PulseAudio restarted), logs it, reopens
+both devices with backoff until frames flow again, and never ends the
+process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,10 +22,16 @@ from typing import Any
 import numpy as np
 
 from audio.devices import Microphone, Speaker
+from audio.errors import DeviceError
 from pipeline.frames import AudioFrame
 from pipeline.runtime import Channel
 
 from .config import Config
+
+log = logging.getLogger("assistant.live")
+
+STALL_S = 2.0  # no microphone frame for this long: the device is lost
+_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 
 
 class SpeakerOutput:
@@ -81,6 +93,10 @@ class LiveAudio:
         self.config = config
         self.echo_canceller = echo_canceller
         self.frames_in: Channel[AudioFrame] | None = None
+        self.last_frame_at = time.monotonic()
+        self.last_attempt_at = 0.0  # the supervisor's last reopen attempt
+        self.device_open = False
+        self.recoveries = 0
         self._position = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.microphone = Microphone(input_device, config.audio.frame_ms, self._on_frame, rate=config.audio.input_rate)
@@ -104,6 +120,8 @@ class LiveAudio:
         assert self.frames_in is not None
         frame.position = self._position
         self._position += len(frame.pcm)
+        self.last_frame_at = time.monotonic()
+        self.device_open = True
         self.frames_in.put_nowait(frame)
 
     def __enter__(self) -> LiveAudio:
@@ -121,6 +139,57 @@ class LiveAudio:
     def __exit__(self, *exc: object) -> None:
         self.microphone.stop()
         self.speaker.stop()
+
+    def open_or_recover(self) -> bool:
+        """Enter, but a missing device is not fatal: the supervisor retries."""
+        try:
+            self.__enter__()
+            return True
+        except DeviceError as exc:
+            log.warning("audio devices not available yet (%s); retrying", exc)
+            self.device_open = False
+            self.last_frame_at = 0.0
+            return False
+
+    def alive(self) -> bool:
+        """For the watchdog: frames flow, or the supervisor is reviving the
+        devices right now (a stream nobody revives is not alive)."""
+        now = time.monotonic()
+        return now - self.last_frame_at < STALL_S * 2 or now - self.last_attempt_at < 10.0
+
+    async def supervise(self, stop: asyncio.Event) -> None:
+        """Reopen the devices whenever the microphone stops delivering."""
+        while not stop.is_set():
+            await asyncio.sleep(0.5)
+            if time.monotonic() - self.last_frame_at < STALL_S:
+                continue
+            if self.device_open:
+                log.warning("microphone lost (no audio for %.1f s); reopening the devices", STALL_S)
+            self.device_open = False
+            await self._reopen(stop)
+
+    async def _reopen(self, stop: asyncio.Event) -> None:
+        attempt = 0
+        while not stop.is_set():
+            self.last_attempt_at = time.monotonic()
+            self.microphone.stop()
+            self.speaker.stop()
+            try:
+                _rescan_devices()
+                self.speaker.start()
+                self.microphone.start()
+            except DeviceError as exc:
+                log.warning("audio devices still unavailable (%s)", exc)
+            else:
+                deadline = time.monotonic() + STALL_S
+                while time.monotonic() < deadline and time.monotonic() - self.last_frame_at >= STALL_S:
+                    await asyncio.sleep(0.05)
+                if time.monotonic() - self.last_frame_at < STALL_S:
+                    self.recoveries += 1
+                    log.warning("microphone back after %d attempt(s)", attempt + 1)
+                    return
+            await asyncio.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
+            attempt += 1
 
     @property
     def overflows(self) -> int:
@@ -140,3 +209,15 @@ class LiveAudio:
                     getter.cancel()
         finally:
             stopper.cancel()
+
+
+def _rescan_devices() -> None:
+    """Make PortAudio list the devices again (a replugged USB microphone, a
+    restarted PulseAudio): it enumerates them only when initialized."""
+    try:
+        import sounddevice
+
+        sounddevice._terminate()
+        sounddevice._initialize()
+    except Exception as exc:  # PortAudio itself missing: the start will say so
+        log.debug("PortAudio re-initialisation failed: %s", exc)

@@ -205,6 +205,13 @@ class _Connection:
         self._resampler = Resampler(start.input_rate, config.audio.input_rate)
         session.bus.subscribe(self._on_event)
         session.report.listeners.append(self._on_turn_closed)
+        observed = self.server.telemetry.observe(session)
+        try:
+            await self._serve_session(session, start, config)
+        finally:
+            observed()
+
+    async def _serve_session(self, session: Any, start: SessionStart, config: Config) -> None:
         sender = self._spawn(self.output.run(), "send")
         budgets_ms = {b.stage: b.ms for b in budgets_of(config)}
         self.output.send_event(self.wire.ready(session.id, start, config.audio.frame_ms, budgets_ms))
@@ -436,6 +443,11 @@ class Server:
         self._ws: WSServer | None = None
         self._connections: set[_Connection] = set()
         self._started_at = time.monotonic()
+        from ..telemetry import Telemetry
+
+        self.telemetry = Telemetry()
+        self.telemetry.models_loaded.set(1)  # a Server is made from loaded models
+        self.telemetry.watch_engine(models.llm.health)
 
     # ---- life -----------------------------------------------------------
 
@@ -512,15 +524,23 @@ class Server:
         parts = urlsplit(request.path)
         if parts.path == WS_PATH:
             return self._check_handshake(ws, request, parts.query)
+        if parts.path == "/metrics":
+            body, content_type = self.telemetry.exposition()
+            return _response(http.HTTPStatus.OK, body, content_type)
         if parts.path == "/healthz":
+            serving = self._ws is not None and self._ws.is_serving()
+            engine = self.models.llm.health()
             body = {
-                "status": "ok" if self._ws is not None and self._ws.is_serving() else "stopping",
+                # up: the process answers; ready: it can hold a conversation
+                # (models loaded, which a Server implies, and the engine answering)
+                "status": "ok" if serving else "stopping",
+                "ready": serving and engine["state"] == "up",
                 "protocol": PROTOCOL_VERSION,
                 "sessions": len(self._connections),
                 "max_sessions": self.config.server.max_sessions,
                 "auth": self.token is not None,
                 "uptime_s": round(time.monotonic() - self._started_at, 1),
-                "engine": self.models.llm.health(),
+                "engine": engine,
             }
             return _response(http.HTTPStatus.OK, json.dumps(body).encode(), "application/json")
         return self._static(parts.path)

@@ -135,6 +135,12 @@ class TurnController:
         self._failed: set[int] = set()  # turns whose reply is the engine's error phrase
         ctx.bus.route_to(self.on_event)
 
+    @property
+    def idle(self) -> bool:
+        """No turn open: nobody speaking, no reply being prepared or played
+        (a kiosk goes back to sleep after a while of this)."""
+        return not (self.floor.user_turns or self.floor.assistant_turns or self._replying)
+
     # ---- the gate playback waits on ------------------------------------
 
     async def wait_to_play(self, turn_id: int) -> None:
