@@ -110,7 +110,9 @@ class WakeWordDetector:
             self.frames += 1
             self._stream_frames += 1
             prob = self._model.process_streaming_prob(features)
-            if prob is None:  # model closed: cannot happen between reset()s
+            # The model runs on every stride-th feature frame; between runs
+            # pymicro-wakeword returns 0.0, which is no new probability.
+            if prob is None or self._stream_frames % self._model.stride:
                 continue
             prob = float(prob)
             self.last_probability = prob
