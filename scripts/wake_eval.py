@@ -175,16 +175,19 @@ def detection_rates(detector: WakeWordDetector, takes: list[Take]) -> dict[str, 
     for c, condition in enumerate(CONDITIONS):
         by_voice: dict[str, list[int]] = {}
         peaks: list[float] = []
+        missed: list[str] = []
         extra = 0
         for t, take in enumerate(takes):
             hits = run_stream(detector, degrade(take.pcm, condition, seed=1000 * c + t))
             family = take.voice.split()[0]
             by_voice.setdefault(family, []).append(int(hits > 0))
             extra += max(0, hits - 1)
-            peaks.append(detector.peak_probability)
+            peaks.append(round(detector.peak_probability, 3))
+            if not hits:
+                missed.append(f"{take.voice}: {take.text}")
         rows[condition] = {
             family: {"detected": sum(v), "total": len(v)} for family, v in by_voice.items()
-        } | {"extra_detections": extra, "min_peak": round(min(peaks), 3)}
+        } | {"extra_detections": extra, "min_peak": min(peaks), "peaks": peaks, "missed": missed}
     return rows
 
 
@@ -271,7 +274,7 @@ def evaluate(models: list[str], hours: float, use_espeak: bool) -> dict[str, Any
 def format_table(result: dict[str, Any]) -> str:
     lines = []
     for model, r in result["models"].items():
-        families = list(next(iter(r["detection"].values())).keys() - {"extra_detections", "min_peak"})
+        families = list(next(iter(r["detection"].values())).keys() - {"extra_detections", "min_peak", "peaks", "missed"})
         families.sort()
         lines.append(f"\n{model} (\"{r['wake_word']}\", threshold {r['threshold']})")
         lines.append("| condition | " + " | ".join(families) + " | extra detections | lowest peak |")
@@ -279,6 +282,7 @@ def format_table(result: dict[str, Any]) -> str:
         for condition, row in r["detection"].items():
             cells = [f"{row[f]['detected']}/{row[f]['total']}" for f in families]
             lines.append(f"| {condition} | " + " | ".join(cells) + f" | {row['extra_detections']} | {row['min_peak']} |")
+        lines.append(f"missed when clean: {r['detection']['clean']['missed']}")
         fw = r["false_wakes"]
         lines.append(
             f"false wakes: {fw['false_wakes']} in {fw['hours_scanned']} h "
