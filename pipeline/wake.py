@@ -32,7 +32,7 @@ from pymicro_wakeword import MicroWakeWord, MicroWakeWordFeatures, Model
 
 from audio.frame import as_pcm16
 
-__all__ = ["SAMPLE_RATE", "WakeWordSettings", "WakeWordDetector", "available_models"]
+__all__ = ["SAMPLE_RATE", "WakeWordDetector", "WakeWordSettings", "available_models"]
 
 SAMPLE_RATE = 16000
 """The only rate the models accept (the front end's filterbank is fixed)."""
@@ -90,7 +90,7 @@ class WakeWordDetector:
         self.threshold: float = (
             self.manifest_threshold if settings.threshold is None else float(settings.threshold)
         )
-        self._refractory_frames = int(round(settings.refractory_s * 100))  # 10 ms frames
+        self._refractory_frames = round(settings.refractory_s * 100)  # 10 ms frames
         self.detections = 0
         self.last_probability = 0.0
         self.peak_probability = 0.0

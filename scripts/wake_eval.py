@@ -43,7 +43,12 @@ sys.path.insert(0, str(ROOT))
 from audio.files import read_wav  # noqa: E402
 from audio.resample import Resampler  # noqa: E402
 from audio.room import RoomEcho  # noqa: E402
-from pipeline.wake import SAMPLE_RATE, WakeWordDetector, WakeWordSettings, available_models  # noqa: E402
+from pipeline.wake import (  # noqa: E402
+    SAMPLE_RATE,
+    WakeWordDetector,
+    WakeWordSettings,
+    available_models,
+)
 
 ASSETS = ROOT / "audio_assets"
 FRAME = 320  # 20 ms at 16 kHz: what the microphone stage delivers

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from helpers import ROOT, load_pcm, question_files
 from pipeline.wake import WakeWordDetector, WakeWordSettings, available_models
+from helpers import ROOT, load_pcm, question_files
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from wake_eval import speak_piper  # noqa: E402
