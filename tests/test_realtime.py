@@ -286,3 +286,50 @@ def test_sdk_manual_turns_text_items_cancel_and_bad_events(
     assert first_reply["role"] == "assistant" and first_reply["interrupted"] is True
     assert len(words(first_reply["content"])) < len(words(full))
     assert ("user", plan["text"]) in contents and ("user", plan["text2"]) in contents
+
+
+# --------------------------------------------------------------------------
+# The Agents SDK (Node)
+# --------------------------------------------------------------------------
+
+
+def agents_client() -> Path:
+    """tests/realtime_clients with @openai/agents-realtime installed (npm ci on first use)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("Node.js and npm are needed for the Agents SDK client (apt-get install nodejs npm)")
+    if not (CLIENTS / "node_modules" / "@openai" / "agents-realtime").is_dir():
+        try:
+            subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=CLIENTS, check=True,
+                           capture_output=True, timeout=300)
+        except (subprocess.SubprocessError, OSError) as exc:
+            pytest.skip(f"cannot install @openai/agents-realtime from npm ({exc}); run scripts/install.sh online")
+    return CLIENTS / "agents_client.mjs"
+
+
+def test_agents_sdk_spoken_turn(models: Any, config: Config, run: Any, tmp_path: Path) -> None:
+    """The Node Agents SDK's transport (its own session.update, Bearer auth, no subprotocol) hears a
+    spoken question answered in audio; every event it got is valid and none is an error."""
+    script = agents_client()
+    question = pcm24(tmp_path, "capital_of_france")
+
+    async def body(server: Server) -> list[dict[str, Any]]:
+        url = f"ws://127.0.0.1:{server.port}/v1/realtime?model=local-model"
+        process = await asyncio.create_subprocess_exec(
+            "node", str(script), url, str(question), cwd=CLIENTS,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 200)
+        assert process.returncode == 0, stderr.decode()[-3000:]
+        return [json.loads(line) for line in stdout.decode().splitlines() if line.startswith("{")]
+
+    lines = serve(run, models, config, body, token="test-key")
+    assert lines[-1].get("mark") == "done", lines[-5:]
+    assert not [line for line in lines if line.get("mark") == "error"]
+    events = validated(lines)
+    order = kinds(events)
+    assert order[0] == "session.created" and "session.updated" in order and "error" not in order
+    user = of(events, "conversation.item.input_audio_transcription.completed")[0]
+    assert word_error_rate("What is the capital of France?", user["transcript"]) <= 0.2
+    done = of(events, "response.done")[-1]["response"]
+    assert done["status"] == "completed" and of(events, "response.output_audio.delta")
+    assert_response_order(events, done["id"])
