@@ -464,9 +464,9 @@ class RealtimeProtocol:
         return parse(text, self.config)
 
     def check_audio(self, data: bytes, input_closed: bool) -> None:
-        """Audio comes base64 in JSON here: a binary frame is not part of this protocol."""
-        raise RealtimeError("invalid_value", "binary frames are not part of this protocol; "
-                            "send input_audio_buffer.append")
+        """Appended audio (already decoded): PCM16."""
+        if len(data) % 2:
+            raise _bad("audio must be PCM16: an even number of bytes", "audio")
 
     def session(self) -> Message:
         """The effective session, as session.created/updated carry it."""
@@ -813,6 +813,11 @@ class RealtimeConnection(_Connection):
     async def _read_start(self) -> SessionStart | None:
         agent = self.ws.request.headers.get("User-Agent", "") if self.ws.request else ""
         return SessionStart(RATE, RATE, f"realtime {agent}".strip()[:80])
+
+    def _on_audio(self, data: bytes) -> None:
+        """A binary frame: not part of this protocol (audio comes in input_audio_buffer.append)."""
+        raise RealtimeError("invalid_value", "binary frames are not part of this protocol; "
+                            "send input_audio_buffer.append")
 
     def _job(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
