@@ -247,6 +247,11 @@ class ASRStage(Stage):
         self._forced: dict[int, asyncio.Event] = {}
         self.decode_ms: list[float] = []
 
+    async def transcribe(self, pcm: np.ndarray) -> str:
+        """A whole utterance outside the turn flow (a realtime client that
+        commits its audio buffer itself), on the same model and executor."""
+        return await run_blocking(self._executor, self._transcribe, pcm.astype(np.float32) / 32768.0)
+
     async def handle(self, item: Any) -> None:
         if isinstance(item, SpeechStarted):
             self._utt = _Utterance(item.turn_id or 0)

@@ -72,8 +72,15 @@ if command -v npm >/dev/null; then
     # Only the driver: the browser is Debian's chromium, nothing is downloaded.
     say "installing the browser test's driver (playwright-core, tests/browser)"
     (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+    say "installing the Agents SDK realtime client (tests/realtime_clients)"
+    (cd tests/realtime_clients && npm ci --no-audit --no-fund --loglevel=error)
 else
-    say "no npm: tests/test_browser.py will be skipped (install nodejs and npm)"
+    say "no npm: tests/test_browser.py and the Agents SDK realtime test will be skipped (install nodejs and npm)"
 fi
+# The openai SDK as a realtime test client, in its own venv: it needs
+# websockets<16, the project a newer one (tests/test_realtime.py).
+say "installing the openai SDK realtime client (tests/realtime_clients/.venv)"
+"$PY" -m venv tests/realtime_clients/.venv
+tests/realtime_clients/.venv/bin/python -m pip install --disable-pip-version-check -q -r tests/realtime_clients/requirements.txt
 echo "$WANT" > "$STAMP"
 say "done"

@@ -95,8 +95,9 @@ class WebSocketOutput:
 
     # ---- events -------------------------------------------------------
 
-    def send_event(self, message: Message) -> None:
-        if not self._closed:
+    def send_event(self, message: Message | None) -> None:
+        """Queue an event; None (a marker the wire protocol does not say) is skipped."""
+        if message is not None and not self._closed:
             self._events.append(self.wire.encode(message))
             self._wake.set()
 
@@ -231,8 +232,12 @@ class WebSocketOutput:
                     if not turn.open:
                         turn.open = True
                         turn.segment_sent = 0
-                        await self._ws.send(self.wire.encode(self.wire.audio_start(turn.turn_id, self.client_rate, t)))
-                    await self._ws.send(self.wire.audio(frame.data))
+                        start = self.wire.audio_start(turn.turn_id, self.client_rate, t)
+                        if start is not None:
+                            await self._ws.send(self.wire.encode(start))
+                    data = self.wire.audio(frame.data)
+                    if data is not None:
+                        await self._ws.send(data)
                     turn.segment_sent += frame.samples
                     turn.sent_total += frame.samples
                     continue

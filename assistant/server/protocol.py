@@ -20,9 +20,12 @@ what it parses; neither builds nor reads a message itself. Nothing here
 touches a socket.
 
 :class:`WireProtocol` is what the server asks of a protocol. Another one
-(an OpenAI-Realtime-compatible endpoint, say) would be a module beside this
-one whose class implements it over the same session events and requests;
-the server would pick it by the websocket path.
+(an OpenAI-Realtime-compatible endpoint, say) is a module beside this
+one whose class implements it over the same session events (the OpenAI
+Realtime API: :mod:`assistant.server.realtime`); the server picks it by the
+websocket path. A protocol with no marker around reply audio returns None
+from :meth:`WireProtocol.audio_start` / ``audio_end``, and None from
+``audio`` for a frame it drops.
 """
 
 from __future__ import annotations
@@ -265,11 +268,11 @@ class WireProtocol(Protocol):
 
     def turn_metrics(self, turn_id: int, data: dict[str, Any]) -> Message: ...
 
-    def audio_start(self, turn_id: int, sample_rate: int, at: float) -> Message: ...
+    def audio_start(self, turn_id: int, sample_rate: int, at: float) -> Message | None: ...
 
-    def audio(self, pcm16: bytes) -> bytes | str: ...
+    def audio(self, pcm16: bytes) -> bytes | str | None: ...
 
-    def audio_end(self, turn_id: int, samples: int, at: float) -> Message: ...
+    def audio_end(self, turn_id: int, samples: int, at: float) -> Message | None: ...
 
     def error(
         self, code: ErrorCode, message: str, *, fatal: bool, at: float | None = None, event: Event | None = None

@@ -462,6 +462,7 @@ class Server:
             ping_timeout=s.ping_timeout_s,
             close_timeout=CLOSE_TIMEOUT_S,
             server_header="voice-assistant",
+            select_subprotocol=realtime.select_subprotocol,
             **where,
         )
         self.port = self._ws.sockets[0].getsockname()[1]
@@ -506,7 +507,7 @@ class Server:
     # ---- connections ------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
-        connection = _Connection(self, ws)
+        connection = (realtime.RealtimeConnection if realtime.is_realtime(ws.request.path) else _Connection)(self, ws)
         if len(self._connections) >= self.config.server.max_sessions:
             log.info("connection from %s refused: %d sessions open", connection.peer, len(self._connections))
             with contextlib.suppress(Exception):
@@ -522,7 +523,7 @@ class Server:
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         parts = urlsplit(request.path)
-        if parts.path == WS_PATH:
+        if parts.path in (WS_PATH, realtime.REALTIME_PATH):
             return self._check_handshake(ws, request, parts.query)
         if parts.path == "/metrics":
             body, content_type = self.telemetry.exposition()
@@ -552,7 +553,7 @@ class Server:
             if authorization.lower().startswith("bearer "):
                 given = authorization[7:].strip()
             else:
-                given = (parse_qs(query).get("token") or [None])[0]
+                given = (parse_qs(query).get("token") or [None])[0] or realtime.subprotocol_key(request.headers)
             if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
                 log.info("handshake from %s refused: %s token", _peer(ws), "wrong" if given else "no")
                 response = ws.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
@@ -695,3 +696,8 @@ async def _serve(args: argparse.Namespace, config: Config, models: Any, host: st
     await server.shutdown()
     say("stopped")
     return 0
+
+
+# OpenAI's Realtime events on /v1/realtime: a connection that builds on
+# _Connection, so it is imported once this module is complete.
+from . import realtime  # noqa: E402

@@ -58,6 +58,7 @@ from ..frames import (
     TranscriptPartial,
     TurnCancelled,
     TurnCompleted,
+    now,
 )
 from ..runtime import PipelineContext
 from .endpointing import EndpointRule
@@ -308,6 +309,39 @@ class TurnController:
         self.ctx.cancel_turn(turn_id, f"interrupted by the user (turn {by_turn})")
         log.info("turn %d interrupted after %d samples; stop took %.0f ms", turn_id, samples, event.stop_ms)
         return event
+
+    # ---- a client that drives the turns itself (the realtime endpoint) ----
+
+    def respond(self, turn_id: int) -> None:
+        """Reply now to what the history holds, for a turn with no speech of
+        its own (a realtime client's ``response.create`` after text items or a
+        manually committed buffer): it may play as soon as the floor is free."""
+        self._replying.add(turn_id)
+        self.floor.ended.add(turn_id)
+        self.floor.changed()
+        self._request_reply(turn_id, "")
+
+    def stop_reply(self, turn_id: int, reason: str) -> None:
+        """The client stopped the reply (``response.cancel``): the history keeps
+        what was played, as after a barge-in; nothing if none was."""
+        playback = self.stages.playback
+        if playback is not None and playback.has_started(turn_id):
+            self.interrupt(turn_id, now(), None)
+            return
+        self.conversation.commit(turn_id, heard="")
+        self.ctx.cancel_turn(turn_id, reason)
+
+    def add_message(self, turn_id: int, user: str = "", reply: str | None = None) -> None:
+        """A message the client put into the history itself."""
+        self.conversation.add(turn_id, user, reply)
+
+    def truncate(self, turn_id: int, heard: str) -> bool:
+        """The client played only ``heard`` of a settled reply."""
+        return self.conversation.truncate(turn_id, heard)
+
+    def remove_message(self, turn_id: int, role: str) -> bool:
+        """The client deleted one side of a turn from the history."""
+        return self.conversation.remove(turn_id, role)
 
     def _budget(self, event: BudgetExceeded) -> None:
         """Apply a stage's budget policy, the moment its deadline passes."""

@@ -65,6 +65,35 @@ class Conversation:
         the turn goes on (a new transcript will open it again)."""
         self._exchanges = [e for e in self._exchanges if e.turn_id != turn_id or e.committed]
 
+    def add(self, turn_id: int, user: str = "", reply: str | None = None) -> None:
+        """A message a client put into the conversation itself (a realtime
+        client's text item, or its manually committed audio once transcribed):
+        settled at once, since nobody has to hear it."""
+        self._exchanges.append(_Exchange(turn_id, user, reply or None, committed=True))
+
+    def truncate(self, turn_id: int, heard: str) -> bool:
+        """A settled reply of which the client says only ``heard`` was played:
+        cut to it, never lengthened (a barge-in may have cut it shorter already)."""
+        exchange = self._find(turn_id)
+        if exchange is None or not exchange.committed or exchange.reply is None:
+            return False
+        if len(heard.split()) >= len(exchange.reply.split()):
+            return False
+        exchange.reply = heard.strip() or None
+        exchange.interrupted = exchange.reply is not None
+        return True
+
+    def remove(self, turn_id: int, role: str) -> bool:
+        """Forget one side of a turn's exchange (a realtime client deleted that item)."""
+        exchange = self._find(turn_id)
+        if exchange is None:
+            return False
+        if role == "user":
+            exchange.user = ""
+        else:
+            exchange.reply, exchange.interrupted = None, False
+        return True
+
     def is_open(self, turn_id: int) -> bool:
         exchange = self._find(turn_id)
         return exchange is not None and not exchange.committed
@@ -82,7 +111,8 @@ class Conversation:
         """Every message so far, oldest first, with its turn id."""
         out: list[dict[str, Any]] = []
         for e in self._exchanges:
-            out.append({"role": "user", "content": e.user, "turn_id": e.turn_id})
+            if e.user:  # a reply asked for without words (realtime response.create) has none
+                out.append({"role": "user", "content": e.user, "turn_id": e.turn_id})
             if e.reply is not None:
                 out.append({"role": "assistant", "content": e.reply, "interrupted": e.interrupted, "turn_id": e.turn_id})
         return out
