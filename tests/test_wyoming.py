@@ -200,6 +200,47 @@ def test_engine_failure_is_not_handled_with_the_error_phrase_and_kept_out_of_his
     assert turns == [] and len(down.aborted) == 1
 
 
+def test_history_follows_the_conversation_id_across_connections(models: Any, config: Config, run: Any) -> None:
+    """As Home Assistant does: one connection per request, the conversation named in ``context``."""
+
+    class ScriptedEngine:
+        def __init__(self, real: Any) -> None:
+            self.count_tokens = real.count_tokens
+            self.prompts: list[list[dict[str, str]]] = []
+
+        async def stream(self, messages: list[dict[str, str]], request_id: str,
+                         session_id: str = "") -> AsyncIterator[tuple[str, str | None]]:
+            self.prompts.append(messages)
+            for piece in ("Answer", f" {len(self.prompts)}."):
+                yield piece, None
+            yield "", "stop"
+
+        async def abort(self, request_id: str) -> None:
+            pass
+
+    engine = ScriptedEngine(models.llm)
+
+    async def main() -> list[str]:
+        server = await wyoming_server(dataclasses.replace(models, llm=engine), config, "tcp://127.0.0.1:0")
+        replies = []
+        try:
+            for question, conversation in (("First?", "abc"), ("Second?", "abc"), ("Other?", "xyz")):
+                async with AsyncTcpClient("127.0.0.1", server.port or 0, read_timeout=10) as client:
+                    await client.write_event(Transcript(text=question, context={"conversation_id": conversation}).event())
+                    events = await read_until(client, "handled-stop")
+                    assert events[-2].data["context"] == {"conversation_id": conversation}
+                    replies.append(events[-2].data["text"])
+        finally:
+            await server.stop()
+        return replies
+
+    assert run(main()) == ["Answer 1.", "Answer 2.", "Answer 3."]
+    system = {"role": "system", "content": config.llm.system_prompt}
+    assert engine.prompts[1] == [system, {"role": "user", "content": "First?"},
+                                 {"role": "assistant", "content": "Answer 1."}, {"role": "user", "content": "Second?"}]
+    assert engine.prompts[2] == [system, {"role": "user", "content": "Other?"}]
+
+
 def test_bad_input_gets_an_error_and_the_connection_goes_on(models: Any, config: Config, run: Any) -> None:
     bad = [
         Event(type="no-such-event"),

@@ -4,8 +4,8 @@ and the language model as a conversation agent, over the shared models.
 Every Wyoming message of the project lives here; the framing, the event
 classes and the TCP/Unix server are the ``wyoming`` package's own. One
 :class:`WyomingHandler` serves one connection and keeps it open between
-requests (Home Assistant opens one per request; a program may reuse one,
-and then keeps one conversation history):
+requests (Home Assistant opens one per request and names the conversation
+in each transcript's ``context``; a program may also reuse one):
 
 * ``describe`` → ``info``: ASR (Whisper), TTS (piper) and a handle program
   (the language model), each ``installed``, all three streaming.
@@ -25,8 +25,10 @@ and then keeps one conversation history):
   ``synthesize-stopped``.
 * ``transcript`` (from Home Assistant to a handle program) → ``handled-start``,
   ``handled-chunk`` per streamed piece, the legacy ``handled``,
-  ``handled-stop``; the prompt is the configured system prompt and this
-  connection's history. An engine failure → ``not-handled`` with
+  ``handled-stop``; the prompt is the configured system prompt and the
+  history: the ``conversation_id`` in the transcript's ``context`` (Home
+  Assistant sends one and opens a connection per request) or else this
+  connection's own. An engine failure → ``not-handled`` with
   ``llm.error_phrase`` (or, mid-answer, that phrase as the last chunk), and
   the exchange stays out of the history, as in a voice session.
 
@@ -50,7 +52,8 @@ import logging
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -97,6 +100,7 @@ SAMPLES_PER_CHUNK = 1024  # reply audio per audio-chunk, as wyoming-piper sends 
 MAX_RATE = 384000
 MAX_CHANNELS = 16
 VERSION = "0.1.0"
+MAX_CONVERSATIONS = 256  # histories kept by conversation_id
 _connections = itertools.count(1)
 
 
@@ -161,6 +165,22 @@ class _Shared:
     info: Event
     transcriber: WhisperTranscriber
     synthesizer: PiperSynthesizer
+    conversations: OrderedDict[str, Conversation] = field(default_factory=OrderedDict)
+    turns: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def new_conversation(self) -> Conversation:
+        llm = self.config.llm
+        return Conversation(llm.system_prompt, llm.history_tokens, self.models.llm.count_tokens)
+
+    def conversation(self, conversation_id: str) -> Conversation:
+        """The history of a client's ``conversation_id`` (Home Assistant opens a
+        connection per request and names the conversation in ``context``);
+        the least recently used beyond ``MAX_CONVERSATIONS`` are forgotten."""
+        found = self.conversations.pop(conversation_id, None) or self.new_conversation()
+        self.conversations[conversation_id] = found
+        while len(self.conversations) > MAX_CONVERSATIONS:
+            self.conversations.popitem(last=False)
+        return found
 
 
 @dataclass
@@ -204,9 +224,7 @@ class WyomingHandler(AsyncEventHandler):
         self._task: asyncio.Task[None] | None = None
         self._utterance: _Utterance | None = None
         self._speech: _Speech | None = None
-        self._turns = itertools.count(1)
-        llm = self.config.llm
-        self.history = Conversation(llm.system_prompt, llm.history_tokens, shared.models.llm.count_tokens)
+        self.history = shared.new_conversation()  # without a conversation_id
 
     async def run(self) -> None:
         self._task = asyncio.current_task()
@@ -422,13 +440,18 @@ class WyomingHandler(AsyncEventHandler):
         if not text:
             raise WyomingError("empty-text", "transcript: no text to answer")
         llm = self.shared.models.llm
-        turn = next(self._turns)
+        turn = next(self.shared.turns)
         request_id = f"{self.id}-t{turn}"
-        self.history.open(turn, text)
+        conversation_id = (transcript.context or {}).get("conversation_id")
+        if isinstance(conversation_id, str) and conversation_id:
+            history, session = self.shared.conversation(conversation_id), conversation_id
+        else:
+            history, session = self.history, self.id
+        history.open(turn, text)
         parts: list[str] = []
         failure: str | None = None
         finished = False
-        stream = llm.stream(self.history.messages(upto=turn), request_id, self.id)
+        stream = llm.stream(history.messages(upto=turn), request_id, session)
         started = time.perf_counter()
         try:
             async for delta, _reason in stream:
@@ -448,7 +471,7 @@ class WyomingHandler(AsyncEventHandler):
             await stream.aclose()
             if not finished:  # cancelled or failed: no request left running
                 await llm.abort(request_id)
-                self.history.discard(turn)
+                history.discard(turn)
         if failure is not None:
             log.warning("%s: %s", self.id, failure)
             phrase = self.config.llm.error_phrase
@@ -459,8 +482,8 @@ class WyomingHandler(AsyncEventHandler):
             await self.write_event(HandledChunk(text=" " + phrase).event())
         reply = "".join(parts).strip()
         if failure is None:
-            self.history.draft(turn, reply)
-            self.history.commit(turn)
+            history.draft(turn, reply)
+            history.commit(turn)
         if not parts:
             await self.write_event(HandledStart(context=transcript.context).event())
         await self.write_event(Handled(text=reply, context=transcript.context).event())
