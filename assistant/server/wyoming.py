@@ -193,7 +193,8 @@ class _Utterance:
     pcm: list[np.ndarray] = field(default_factory=list)
     samples: int = 0
     decoded_at: int = 0  # samples the last partial decode started from
-    partial: asyncio.Task[str] | None = None
+    partial: asyncio.Task[None] | None = None
+    overflow: bool = False  # audio past vad.max_utterance_s: dropped, said once
     hypothesis: list[str] = field(default_factory=list)
     sent: list[str] = field(default_factory=list)  # words sent as transcript-chunk
     started: bool = False  # transcript-start sent
@@ -315,6 +316,8 @@ class WyomingHandler(AsyncEventHandler):
     async def _audio_chunk(self, chunk: AudioChunk) -> None:
         utt = self._utterance_for_audio("audio-chunk")
         rate = _check_format(chunk.rate, chunk.width, chunk.channels)
+        if utt.overflow:
+            return
         pcm = pcm16_from_bytes(chunk.audio, chunk.width, chunk.channels)
         if utt.resampler is None or utt.resampler.in_rate != rate:
             self._append(utt, utt.resampler.flush() if utt.resampler is not None else None)
@@ -323,11 +326,11 @@ class WyomingHandler(AsyncEventHandler):
         self._append(utt, utt.resampler.process(pcm))
         limit = self.config.vad.max_utterance_s * ASR_RATE
         if utt.samples > limit:
-            self._utterance = None
-            if utt.partial is not None:
-                utt.partial.cancel()
-            raise WyomingError("audio-too-long", f"more than {self.config.vad.max_utterance_s:g} s of audio: "
-                                                 "the request is dropped")
+            # Home Assistant reads nothing but the transcript: it still gets
+            # one, of the first max_utterance_s, at audio-stop.
+            utt.overflow = True
+            raise WyomingError("audio-too-long", f"audio after {self.config.vad.max_utterance_s:g} s is ignored "
+                                                 "(vad.max_utterance_s)")
         asr = self.config.asr
         if (
             utt.samples >= asr.min_partial_audio_ms * ASR_RATE // 1000
@@ -358,7 +361,8 @@ class WyomingHandler(AsyncEventHandler):
         agreed = agreed_prefix(utt.hypothesis, words)
         utt.hypothesis = words
         if agreed > len(utt.sent) and agreed_prefix(utt.sent, words) == len(utt.sent):
-            await self._send_words(utt, words[len(utt.sent):agreed])
+            with contextlib.suppress(ConnectionError):  # the client left: nothing to tell
+                await self._send_words(utt, words[len(utt.sent):agreed])
 
     async def _send_words(self, utt: _Utterance, words: list[str]) -> None:
         if not utt.started:
