@@ -276,6 +276,25 @@ def test_bad_input_gets_an_error_and_the_connection_goes_on(models: Any, config:
     assert info is not None and Info.is_type(info.type)
 
 
+def test_audio_past_the_limit_is_dropped_and_the_start_still_transcribed(models: Any, run: Any) -> None:
+    from assistant.config import load_config
+    from helpers import TEST_OVERRIDES
+
+    short = load_config(None, [*TEST_OVERRIDES, "vad.max_utterance_s=1.5"])
+    wav = ASSETS / "questions" / "capital_of_france.wav"
+
+    async def body(client: AsyncTcpClient, server: WyomingServer) -> list[Event]:
+        await send_audio(client, load_pcm(wav), 16000)
+        return await read_until(client, "transcript-stop")
+
+    events = run_wyoming(run, models, short, body)
+    errors = [e for e in events if e.type == "error"]
+    assert [e.data["code"] for e in errors] == ["audio-too-long"]  # said once, not per chunk
+    assert [e.type for e in events][-2:] == ["transcript", "transcript-stop"]
+    heard = Transcript.from_event(events[-2]).text
+    assert heard and len(heard.split()) < len(expected_text(wav).split()), heard  # the start of the question only
+
+
 def test_runs_beside_the_websocket_server_in_one_loop(models: Any, config: Config, run: Any) -> None:
     async def main() -> tuple[bool, bool]:
         async with Server(models, config, host="127.0.0.1", port=0, token="") as ws_server:
@@ -304,3 +323,18 @@ def test_bad_uri_is_one_line() -> None:
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("error:") and fragment in result.stderr
+
+
+def test_zeroconf_flag_says_what_it_needs() -> None:
+    """Checked before the models load: a unix socket cannot be announced, and
+    the optional zeroconf package must be there."""
+    import importlib.util
+
+    cases = [("unix:///tmp/voice-assistant-test.sock", "needs a tcp:// --uri")]
+    if importlib.util.find_spec("zeroconf") is None:
+        cases.append(("tcp://127.0.0.1:0", "pip install zeroconf"))
+    for uri, fragment in cases:
+        result = subprocess.run([sys.executable, "-m", "assistant", "wyoming", "--zeroconf", "--uri", uri], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("error:") and fragment in result.stderr, result.stderr
