@@ -338,3 +338,24 @@ def test_zeroconf_flag_says_what_it_needs() -> None:
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("error:") and fragment in result.stderr, result.stderr
+
+
+def test_zeroconf_announces_the_service_for_home_assistant(run: Any) -> None:
+    """Only where the optional zeroconf package is installed (and the network has multicast)."""
+    pytest.importorskip("zeroconf")
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    from assistant.server.wyoming import announce
+
+    async def main() -> tuple[bool, int | None]:
+        close = await announce(10321, "voice-assistant-test")
+        browser = AsyncZeroconf()
+        try:
+            info = AsyncServiceInfo("_wyoming._tcp.local.", "voice-assistant-test._wyoming._tcp.local.")
+            found = await info.async_request(browser.zeroconf, 3000)
+            return found, info.port
+        finally:
+            await browser.async_close()
+            await close()
+
+    assert run(main()) == (True, 10321)
