@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import ASSETS, ROOT, expected_text, load_pcm, transcribe, word_error_rate
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
@@ -24,7 +25,6 @@ from assistant.config import Config
 from assistant.server.server import Server
 from assistant.server.wyoming import WyomingServer, wyoming_server
 from audio.resample import Resampler
-from helpers import ASSETS, ROOT, expected_text, load_pcm, transcribe, word_error_rate
 from pipeline.llm import EngineUnavailable
 
 pytestmark = pytest.mark.slow
@@ -277,8 +277,9 @@ def test_bad_input_gets_an_error_and_the_connection_goes_on(models: Any, config:
 
 
 def test_audio_past_the_limit_is_dropped_and_the_start_still_transcribed(models: Any, run: Any) -> None:
-    from assistant.config import load_config
     from helpers import TEST_OVERRIDES
+
+    from assistant.config import load_config
 
     short = load_config(None, [*TEST_OVERRIDES, "vad.max_utterance_s=1.5"])
     wav = ASSETS / "questions" / "capital_of_france.wav"
@@ -318,7 +319,7 @@ def test_runs_beside_the_websocket_server_in_one_loop(models: Any, config: Confi
 
 def test_bad_uri_is_one_line() -> None:
     for uri, fragment in (("http://host:1", "expected tcp://HOST:PORT"), ("tcp://127.0.0.1", "port")):
-        result = subprocess.run([sys.executable, "-m", "assistant", "wyoming", "--uri", uri], cwd=ROOT,
+        result = subprocess.run([sys.executable, "-m", "assistant", "wyoming", "--uri", uri], check=False, cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr
@@ -334,7 +335,7 @@ def test_zeroconf_flag_says_what_it_needs() -> None:
     if importlib.util.find_spec("zeroconf") is None:
         cases.append(("tcp://127.0.0.1:0", "pip install zeroconf"))
     for uri, fragment in cases:
-        result = subprocess.run([sys.executable, "-m", "assistant", "wyoming", "--zeroconf", "--uri", uri], cwd=ROOT,
+        result = subprocess.run([sys.executable, "-m", "assistant", "wyoming", "--zeroconf", "--uri", uri], check=False, cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("error:") and fragment in result.stderr, result.stderr
