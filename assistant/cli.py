@@ -6,6 +6,7 @@ Commands:
   bench --audio DIR_OR_FILES [--json OUT.json]
   devices
   serve [--host H] [--port P] [--token T]
+  wyoming [--uri tcp://HOST:PORT] [--zeroconf [NAME]]
   client --url ws://HOST:PORT --input FILE [--output OUT.wav] [--token T]
 
 Every user mistake (bad input, bad config, missing model package, no audio
@@ -140,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--ready-timeout", type=float, default=600.0, metavar="S",
                         help="seconds to wait for the server to answer (default 600)")
 
+    wyoming = sub.add_parser(
+        "wyoming", parents=[common], help="Wyoming server for Home Assistant: speech-to-text, text-to-speech, "
+        "conversation agent", description=(
+            "Load the models once and serve the Wyoming protocol (Home Assistant's voice services): "
+            "transcribe, synthesize and answer a transcript with the language model, each streaming. "
+            "Add it in Home Assistant as a Wyoming Protocol integration (host and port)."
+        ),
+    )
+    wyoming.add_argument("--uri", default="tcp://0.0.0.0:10300", metavar="URI",
+                         help="tcp://HOST:PORT or unix://PATH (default tcp://0.0.0.0:10300)")
+    wyoming.add_argument("--zeroconf", nargs="?", const="", default=None, metavar="NAME",
+                         help="announce _wyoming._tcp.local. for Home Assistant's discovery (needs the zeroconf "
+                         "package); NAME defaults to the MAC address")
+
     remote = sub.add_parser(
         "client", parents=[common], help="talk to a running `serve` through an audio file", description=(
             "Stream an audio file to a voice-assistant server at real-time pace, print the transcripts and "
@@ -193,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             from .server.server import serve
 
             return serve(args, config)
+        if args.command == "wyoming":
+            from .server.wyoming import wyoming_command
+
+            return wyoming_command(args, config)
         if args.command == "engine":
             from .engine.server import engine_command
 

@@ -22,7 +22,7 @@ import av
 import numpy as np
 
 from .errors import InputError, one_line
-from .frame import as_pcm16
+from .frame import as_pcm16, pcm16_from_bytes
 
 __all__ = ["decode_file", "write_wav", "read_wav"]
 
@@ -217,8 +217,4 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
         raise InputError(f"{path} is not a readable WAV file ({one_line(e)})") from None
     if width != 2:
         raise InputError(f"{path} is a {8 * width}-bit WAV; expected 16-bit")
-    data = np.frombuffer(raw, dtype="<i2").astype(np.int16)
-    if channels > 1:
-        frames = data[: len(data) // channels * channels].reshape(-1, channels)
-        data = np.round(frames.astype(np.float64).mean(axis=1)).astype(np.int16)
-    return data, rate
+    return pcm16_from_bytes(raw, width, channels), rate

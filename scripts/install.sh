@@ -66,8 +66,8 @@ if [[ $ENGINE_EXTRA == cpu ]]; then
     # `import transformers`. Nothing here uses them.
     "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-"$VENV/bin/python" -c "import faster_whisper, piper, webrtcvad, vllm, websockets, sounddevice" 2>/dev/null \
-    || "$VENV/bin/python" -c "import faster_whisper, piper, webrtcvad, vllm, websockets"
+"$VENV/bin/python" -c "import faster_whisper, piper, webrtcvad, vllm, websockets, wyoming, sounddevice" 2>/dev/null \
+    || "$VENV/bin/python" -c "import faster_whisper, piper, webrtcvad, vllm, websockets, wyoming"
 if command -v npm >/dev/null; then
     # Only the driver: the browser is Debian's chromium, nothing is downloaded.
     say "installing the browser test's driver (playwright-core, tests/browser)"

@@ -354,3 +354,18 @@ def test_read_wav_bad_file(tmp_path: Path) -> None:
 def test_write_wav_refuses_float(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="int16"):
         write_wav(tmp_path / "f.wav", np.zeros(10, dtype=np.float32), 16000)
+
+
+def test_pcm16_from_bytes_reads_every_width_and_downmixes() -> None:
+    from audio.frame import pcm16_from_bytes
+
+    x = np.array([1000, -1000, 32767, -32768], dtype=np.int16)
+    assert np.array_equal(pcm16_from_bytes(x.astype("<i2").tobytes(), 2, 1), x)
+    assert np.array_equal(pcm16_from_bytes((x.astype("<i4") << 16).tobytes(), 4, 1), x)
+    b24 = b"".join(int(v).to_bytes(2, "little", signed=True).rjust(3, b"\x07") for v in x)  # low byte ignored
+    assert np.array_equal(pcm16_from_bytes(b24, 3, 1), x)
+    assert np.array_equal(pcm16_from_bytes(bytes([128, 255, 0]), 1, 1), [0, 127 << 8, -32768])
+    stereo = np.array([1000, 3000, -1000, -3000], dtype="<i2").tobytes() + b"\x01"  # a stray byte is dropped
+    assert np.array_equal(pcm16_from_bytes(stereo, 2, 2), [2000, -2000])
+    with pytest.raises(ValueError):
+        pcm16_from_bytes(b"\0" * 10, 5, 1)
