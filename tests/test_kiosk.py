@@ -211,3 +211,56 @@ def test_the_kiosk_under_a_notify_socket_wakes_and_answers(tmp_path: Path, model
     assert messages.count("WATCHDOG=1") >= 3, "the watchdog was pinged while it ran"
     assert any(m == "STATUS=awake: in a conversation" for m in messages), messages
     assert any(m.startswith("STOPPING=1") for m in messages), messages
+
+
+@pytest.mark.slow
+def test_the_kiosk_survives_its_microphone_unplugged_and_answers_after(tmp_path: Path, models: Any) -> None:
+    """The microphone's source is removed mid-run and restored: the kiosk
+    logs it, keeps running, reopens the device and answers the next question."""
+    from virtual_audio import VirtualAudio, skip_if_unavailable
+
+    skip_if_unavailable()
+    port = _free_port()
+    health_url = f"http://127.0.0.1:{port}/healthz"
+
+    def healthz() -> dict[str, Any]:
+        return httpx.get(health_url, timeout=5).json()
+
+    def wait_for(condition: Any, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if condition():
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        return False
+
+    with VirtualAudio(tmp_path / "pulse") as va:
+        command = [sys.executable, "-m", "assistant", "kiosk", "--max-seconds", "240", *cli_flags(),
+                   "--set", "kiosk.wake_word=none", "--set", f"kiosk.metrics_port={port}"]
+        proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **va.env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            assert wait_for(lambda: healthz()["audio_device_open"], 300), "the kiosk never opened the microphone"
+            va.remove_mic()
+            assert wait_for(lambda: not healthz()["audio_device_open"], 15), "the lost microphone went unnoticed"
+            time.sleep(3)  # a few reopen attempts fail meanwhile
+            assert proc.poll() is None, "the kiosk ended when its microphone went away"
+            va.restore_mic()
+            assert wait_for(lambda: healthz()["audio_device_open"], 30), "the microphone was not reopened"
+            va.play_into_mic(QUESTION, lead_silence_s=0.5, trail_silence_s=0.5)
+            answered = wait_for(
+                lambda: _metric(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text,
+                                "voice_assistant_turns_total", status="completed") >= 1,
+                90,
+            )
+            recoveries = healthz()["device_recoveries"]
+        finally:
+            proc.send_signal(2)
+            output = proc.communicate(timeout=60)[0]
+    assert answered, output[-3000:]
+    assert recoveries >= 1
+    assert "microphone lost" in output and "microphone back" in output, output[-3000:]
+    assert "Traceback" not in output and proc.returncode == 0, output[-3000:]

@@ -445,6 +445,27 @@ class VirtualAudio:
 
     # -- microphone ----------------------------------------------------------
 
+    def remove_mic(self) -> None:
+        """Unplug the microphone: unload the module behind its source (as a
+        USB microphone pulled out, or its PulseAudio module gone)."""
+        for line in self._pactl("list", "short", "modules").stdout.splitlines():
+            cols = line.split("\t")
+            if len(cols) > 2 and "module-null-sink" in cols[1] and f"sink_name={MIC_FEED_SINK}" in cols[2]:
+                self._pactl("unload-module", cols[0])
+                break
+        else:
+            raise RuntimeError("the microphone's module is not loaded")
+        # PulseAudio moves the recording streams to another source (the
+        # speaker's monitor); a device that is pulled out ends them instead.
+        for line in self._pactl("list", "short", "source-outputs").stdout.splitlines():
+            self._pactl("kill-source-output", line.split("\t")[0], check=False)
+
+    def restore_mic(self) -> None:
+        """Plug the microphone back in (the same source name)."""
+        self._pactl("load-module", "module-null-sink", f"sink_name={MIC_FEED_SINK}", "format=s16le",
+                    f"rate={self.mic_rate}", "channels=1", "sink_properties=device.description=VirtualMicrophoneFeed")
+        self._pactl("set-default-source", MIC_SOURCE)
+
     def play_into_mic(self, wav_path: PathLike, lead_silence_s: float = 0.5,
                       trail_silence_s: float = 0.5) -> float:
         """Start feeding a sound file into the microphone at real-time pace.
