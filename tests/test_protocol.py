@@ -22,7 +22,8 @@ from helpers import ROOT
 from pipeline import frames
 
 ORIGIN = 100.0
-DOCS = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
+# Protocol v1's part of the file: the OpenAI Realtime section after it has its own names.
+DOCS = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8").split("\n# OpenAI Realtime API")[0]
 
 
 def wire(started: bool = True, output_rate: int = 48000) -> v1.ProtocolV1:

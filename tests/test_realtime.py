@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from pydantic import TypeAdapter
 
-from assistant.config import Config
+from assistant.config import Config, load_config
 from assistant.server.server import Server
 from audio.resample import Resampler
-from helpers import ASSETS, expected_text, load_pcm, word_error_rate, words
+from helpers import ASSETS, TEST_OVERRIDES, expected_text, load_pcm, word_error_rate, words
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +84,10 @@ async def run_sdk_client(server: Server, plan: dict[str, Any], timeout: float = 
 
 
 def serve(run: Any, models: Any, config: Config, body: Any, **kwargs: Any) -> Any:
+    # The turn budget (20 s until the whole reply is synthesized, then cancel) would cut a long
+    # answer on a slow shared CPU; these tests are about the wire, not how long the model talks.
+    config = load_config(overrides=[*TEST_OVERRIDES, "budgets.turn_ms=120000"])
+
     async def main() -> Any:
         async with Server(models, config, host="127.0.0.1", port=0, **{"token": "", **kwargs}) as server:
             return await body(server)
@@ -149,7 +153,7 @@ def test_sdk_spoken_turn_and_voice_to_voice_next_to_ws(models: Any, config: Conf
     assert user["item_id"] == of(events, "input_audio_buffer.committed")[0]["item_id"]
     assert word_error_rate(expected_text(ASSETS / "questions" / "capital_of_france.wav"), user["transcript"]) <= 0.2
     done = of(events, "response.done")[-1]["response"]
-    assert done["status"] == "completed" and done["usage"]["output_tokens"] > 0
+    assert done["status"] == "completed" and done["usage"]["output_tokens"] > 0, done
     assert_response_order(events, done["id"])
     audio = b"".join(__import__("base64").b64decode(e["delta"]) for e in of(events, "response.output_audio.delta"))
     assert len(audio) // 2 > 24000 // 2 and np.abs(np.frombuffer(audio, "<i2")).max() > 1000
@@ -326,6 +330,8 @@ def test_agents_sdk_spoken_turn(models: Any, config: Config, run: Any, tmp_path:
         return [json.loads(line) for line in stdout.decode().splitlines() if line.startswith("{")]
 
     lines = serve(run, models, config, body, token="test-key")
+    for line in lines:  # what the Agents SDK client saw, for a failure's report
+        print(json.dumps(line)[:300])
     assert lines[-1].get("mark") == "done", lines[-5:]
     assert not [line for line in lines if line.get("mark") == "error"]
     events = validated(lines)

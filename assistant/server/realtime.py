@@ -27,6 +27,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import copy
 import itertools
 import json
 import logging
@@ -69,6 +70,7 @@ class ClientEvent(StrEnum):
     ITEM_CREATE = "conversation.item.create"
     ITEM_TRUNCATE = "conversation.item.truncate"
     ITEM_DELETE = "conversation.item.delete"
+    ITEM_RETRIEVE = "conversation.item.retrieve"
     RESPONSE_CREATE = "response.create"
     RESPONSE_CANCEL = "response.cancel"
 
@@ -90,6 +92,7 @@ class ServerEvent(StrEnum):
     ITEM_DONE = "conversation.item.done"
     ITEM_TRUNCATED = "conversation.item.truncated"
     ITEM_DELETED = "conversation.item.deleted"
+    ITEM_RETRIEVED = "conversation.item.retrieved"
     TRANSCRIPTION_DELTA = "conversation.item.input_audio_transcription.delta"
     TRANSCRIPTION_COMPLETED = "conversation.item.input_audio_transcription.completed"
     RESPONSE_CREATED = "response.created"
@@ -214,6 +217,11 @@ class ItemDelete(Request):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ItemRetrieve(Request):
+    item_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ResponseCreate(Request):
     output_modalities: tuple[str, ...] | None = None
 
@@ -229,7 +237,7 @@ class Ignored(Request):
 
 
 RealtimeRequest = (
-    SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreate | ItemTruncate | ItemDelete
+    SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreate | ItemTruncate | ItemDelete | ItemRetrieve
     | ResponseCreate | ResponseCancel | Ignored
 )
 
@@ -368,6 +376,11 @@ def parse(text: str, config: SessionConfig) -> RealtimeRequest:
             if not isinstance(item_id, str):
                 raise _bad("delete needs item_id", "item_id", event_id, "missing_required_parameter")
             return ItemDelete(item_id=item_id, event_id=event_id)
+        case ClientEvent.ITEM_RETRIEVE:
+            item_id = event.get("item_id")
+            if not isinstance(item_id, str):
+                raise _bad("retrieve needs item_id", "item_id", event_id, "missing_required_parameter")
+            return ItemRetrieve(item_id=item_id, event_id=event_id)
         case ClientEvent.RESPONSE_CREATE:
             response = event.get("response") or {}
             if not isinstance(response, dict):
@@ -448,6 +461,7 @@ class RealtimeProtocol:
         self._heard: dict[int, _Heard] = {}
         self._replies: dict[int, _Reply] = {}
         self.items: dict[str, tuple[int, str]] = {}  # item id -> (turn, role)
+        self._bodies: dict[str, Message] = {}  # item id -> the item as last sent (for retrieve)
         self._last_item: str | None = None
         self._audio_turn: int | None = None
         self._cancelled: deque[str] = deque(maxlen=RECENT_CANCELLED)
@@ -548,6 +562,11 @@ class RealtimeProtocol:
 
     # ---- items ----------------------------------------------------------
 
+    def _keep(self, item: Message) -> Message:
+        """An item as it is sent: what ``conversation.item.retrieve`` starts from."""
+        self._bodies[item["id"]] = item
+        return item
+
     def _add_item(self, item_id: str, turn_id: int, role: str) -> str | None:
         previous, self._last_item = self._last_item, item_id
         self.items[item_id] = (turn_id, role)
@@ -565,8 +584,8 @@ class RealtimeProtocol:
         """A message the client created: added and done at once."""
         previous = self._add_item(item_id, turn_id, role)
         part = {"type": "input_text", "text": text} if role == "user" else {"type": "output_text", "text": text}
-        item = {"id": item_id, "object": "realtime.item", "type": "message", "role": role, "status": "completed",
-                "content": [part]}
+        item = self._keep({"id": item_id, "object": "realtime.item", "type": "message", "role": role,
+                           "status": "completed", "content": [part]})
         return [self._msg(ServerEvent.ITEM_ADDED, previous_item_id=previous, item=item),
                 self._msg(ServerEvent.ITEM_DONE, previous_item_id=previous, item=item)]
 
@@ -584,7 +603,7 @@ class RealtimeProtocol:
         previous = self._add_item(heard.item_id, turn_id, "user")
         out.append(self._msg(ServerEvent.COMMITTED, previous_item_id=previous, item_id=heard.item_id))
         out.append(self._msg(ServerEvent.ITEM_ADDED, previous_item_id=previous,
-                             item=self._user_item(heard.item_id, "in_progress", None)))
+                             item=self._keep(self._user_item(heard.item_id, "in_progress", None))))
         return out
 
     def transcribed(self, turn_id: int, text: str, seconds: float = 0.0) -> list[Message]:
@@ -595,14 +614,33 @@ class RealtimeProtocol:
         heard.done = True
         out.append(self._msg(ServerEvent.TRANSCRIPTION_COMPLETED, item_id=heard.item_id, content_index=0,
                              transcript=text, usage={"type": "duration", "seconds": round(seconds, 3)}))
-        out.append(self._msg(ServerEvent.ITEM_DONE, item=self._user_item(heard.item_id, "completed", text)))
+        out.append(self._msg(ServerEvent.ITEM_DONE, item=self._keep(self._user_item(heard.item_id, "completed", text))))
         return out
 
     def forget(self, item_id: str) -> Message:
         turn_id, role = self.items.pop(item_id)
+        self._bodies.pop(item_id, None)
         if self._last_item == item_id:
             self._last_item = None
         return self._msg(ServerEvent.ITEM_DELETED, item_id=item_id)
+
+    def retrieved(self, item_id: str, history: str | None) -> Message:
+        """``conversation.item.retrieved``: the item as last sent, its text what the history holds now
+        (``history``: that side of the turn in the history, None when it has none). A reply still
+        playing has the words sent so far; a settled one the history's (cut by a barge-in or a
+        truncate, or nothing when nothing of it was heard); a user item not (yet) in the history, its
+        transcript as sent. No audio data: it is not kept."""
+        item = copy.deepcopy(self._bodies[item_id])
+        part = item["content"][0]
+        key = "text" if part["type"] in ("input_text", "output_text") else "transcript"
+        reply = self.reply_of(item_id)
+        if reply is not None and reply.active:
+            part[key] = "".join(reply.tokens[: reply.sent]).strip()
+        elif history is not None:
+            part[key] = history
+        elif item["role"] == "assistant":
+            part[key] = ""  # nothing of it was heard, or the client deleted it from the history
+        return self._msg(ServerEvent.ITEM_RETRIEVED, item=item)
 
     def truncated(self, item_id: str, audio_end_ms: int) -> Message:
         return self._msg(ServerEvent.ITEM_TRUNCATED, item_id=item_id, content_index=0, audio_end_ms=audio_end_ms)
@@ -655,7 +693,7 @@ class RealtimeProtocol:
         reply.modalities = modalities or self.config.output_modalities
         reply.hold = hold
         previous = self._add_item(reply.item_id, turn_id, "assistant")
-        item = self._assistant_item(reply, "in_progress")
+        item = self._keep(self._assistant_item(reply, "in_progress"))
         return [
             self._msg(ServerEvent.RESPONSE_CREATED, response=self._response(reply, "in_progress", None, [])),
             self._msg(ServerEvent.OUTPUT_ITEM_ADDED, response_id=reply.response_id, output_index=0, item=item),
@@ -687,7 +725,7 @@ class RealtimeProtocol:
             out.append(self._msg(ServerEvent.TEXT_DONE, **where, text=text))
         out.append(self._msg(ServerEvent.PART_DONE, **where, part=self._part(reply, text)))
         item_status = "completed" if status == "completed" else "incomplete"
-        item = self._assistant_item(reply, item_status)
+        item = self._keep(self._assistant_item(reply, item_status))
         out.append(self._msg(ServerEvent.OUTPUT_ITEM_DONE, response_id=reply.response_id, output_index=0, item=item))
         out.append(self._msg(ServerEvent.ITEM_DONE, item=item))
         details: dict[str, Any] = {"type": status}
@@ -914,6 +952,12 @@ class RealtimeConnection(_Connection):
                     session.controller.stop_reply(turn_id, "deleted by the client")
                 session.controller.remove_message(turn_id, role)
                 self._send(rt.forget(item_id))
+            case ItemRetrieve(item_id=item_id, event_id=event_id):
+                if item_id not in rt.items:
+                    raise _bad(f"no item {item_id[:64]!r}", "item_id", event_id, "item_retrieve_invalid_item_id")
+                turn_id, role = rt.items[item_id]
+                kept = [t["content"] for t in session.conversation.turns if t["turn_id"] == turn_id and t["role"] == role]
+                self._send(rt.retrieved(item_id, kept[-1] if kept else None))
             case ResponseCreate(output_modalities=modalities, event_id=event_id):
                 if rt.active() is not None:
                     raise _bad("a response is already in progress", None, event_id,
