@@ -169,17 +169,18 @@ class LiveAudio:
             await self._reopen(stop)
 
     async def _reopen(self, stop: asyncio.Event) -> None:
+        """Reopen the microphone until frames flow; every third try also
+        rescans the devices (a replugged USB device has a new identity) and
+        reopens the speaker. PortAudio's calls block, so they run off the
+        event loop, which goes on serving /metrics, /healthz and the watchdog."""
+        loop = asyncio.get_running_loop()
         attempt = 0
         while not stop.is_set():
             self.last_attempt_at = time.monotonic()
-            self.microphone.stop()
-            self.speaker.stop()
             try:
-                _rescan_devices()
-                self.speaker.start()
-                self.microphone.start()
-            except DeviceError as exc:
-                log.warning("audio devices still unavailable (%s)", exc)
+                await asyncio.wait_for(loop.run_in_executor(None, self._restart, attempt % 3 == 2), timeout=15)
+            except (DeviceError, TimeoutError) as exc:
+                log.warning("audio devices still unavailable (%s)", exc or "no answer from the audio system")
             else:
                 deadline = time.monotonic() + STALL_S
                 while time.monotonic() < deadline and time.monotonic() - self.last_frame_at >= STALL_S:
@@ -190,6 +191,14 @@ class LiveAudio:
                     return
             await asyncio.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
             attempt += 1
+
+    def _restart(self, rescan: bool) -> None:
+        self.microphone.stop()
+        if rescan:
+            self.speaker.stop()
+            _rescan_devices()
+            self.speaker.start()
+        self.microphone.start()
 
     @property
     def overflows(self) -> int:
@@ -209,6 +218,7 @@ class LiveAudio:
                     getter.cancel()
         finally:
             stopper.cancel()
+
 
 
 def _rescan_devices() -> None:

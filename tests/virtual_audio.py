@@ -71,6 +71,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 SPEAKER_SINK = "va_speaker"
 MIC_FEED_SINK = "va_mic_in"
 MIC_SOURCE = MIC_FEED_SINK + ".monitor"
+DEAD_SINK = "va_unplugged"  # where an unplugged microphone's stream is left (silent)
 SPEAKER_MONITOR = SPEAKER_SINK + ".monitor"
 
 _TOOLS = ("pulseaudio", "pactl", "pacat", "parec")
@@ -446,19 +447,24 @@ class VirtualAudio:
     # -- microphone ----------------------------------------------------------
 
     def remove_mic(self) -> None:
-        """Unplug the microphone: unload the module behind its source (as a
-        USB microphone pulled out, or its PulseAudio module gone)."""
+        """Unplug the microphone: unload the module behind its source.
+
+        PulseAudio moves a recording stream whose source goes away to the
+        default source; here that is a suspended, silent one, so the stream
+        delivers nothing, as a USB microphone's stream does once it is
+        pulled out (pactl 16 cannot kill a stream).
+        """
+        if DEAD_SINK not in self._pactl("list", "short", "sinks").stdout:
+            self._pactl("load-module", "module-null-sink", f"sink_name={DEAD_SINK}", "format=s16le",
+                        f"rate={self.mic_rate}", "channels=1", "sink_properties=device.description=Unplugged")
+        self._pactl("suspend-sink", DEAD_SINK, "1")
+        self._pactl("set-default-source", DEAD_SINK + ".monitor")
         for line in self._pactl("list", "short", "modules").stdout.splitlines():
             cols = line.split("\t")
             if len(cols) > 2 and "module-null-sink" in cols[1] and f"sink_name={MIC_FEED_SINK}" in cols[2]:
                 self._pactl("unload-module", cols[0])
-                break
-        else:
-            raise RuntimeError("the microphone's module is not loaded")
-        # PulseAudio moves the recording streams to another source (the
-        # speaker's monitor); a device that is pulled out ends them instead.
-        for line in self._pactl("list", "short", "source-outputs").stdout.splitlines():
-            self._pactl("kill-source-output", line.split("\t")[0], check=False)
+                return
+        raise RuntimeError("the microphone's module is not loaded")
 
     def restore_mic(self) -> None:
         """Plug the microphone back in (the same source name)."""
