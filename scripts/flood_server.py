@@ -3,7 +3,8 @@
 Starts the real server in-process (models loaded once). A victim session
 asks the committed questions at real-time pace (a question, silence until
 its turn.metrics) while a prober GETs /healthz every 50 ms. With ``--flood``
-another client floods: it opens a session and sends tiny frames (``text``:
+another client, in a process of its own (in this one it would starve the
+server's event loop itself, which is not what a remote flooder does), floods: it opens a session and sends tiny frames (``text``:
 a playback.position; ``binary``: 2 bytes) as fast as its socket takes them,
 300,000 per connection, and when the server closes it, it connects and
 floods again, until the victim is done. Prints /healthz p50/p95/max and the
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -35,7 +37,16 @@ from audio.files import read_wav  # noqa: E402
 from pipeline.metrics import percentile  # noqa: E402
 
 
-async def flooder(url: str, kind: str, frames: int, stop: asyncio.Event, closes: list[Any]) -> None:
+def flood_process(url: str, kind: str, frames: int, stop: Any, closes: Any) -> None:
+    """The flooder's own process and event loop; ``closes`` gets each close code."""
+    found: list[Any] = []
+    try:
+        asyncio.run(flooder(url, kind, frames, stop, found))
+    finally:
+        closes.put(found)
+
+
+async def flooder(url: str, kind: str, frames: int, stop: Any, closes: list[Any]) -> None:
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
@@ -74,7 +85,12 @@ async def victim(url: str, questions: list[np.ndarray]) -> tuple[list[float], st
     """The other user's voice-to-voice per completed turn, and how its session ended."""
     from websockets.exceptions import ConnectionClosed
 
-    session = await RemoteSession.open(url, client="victim")
+    from assistant.server.client import ClientError
+
+    try:
+        session = await RemoteSession.open(url, client="victim")
+    except ClientError as exc:  # the flood kept the victim from even starting
+        return [], f"NOT OPENED: {exc}"
     try:
         for pcm in questions:
             answered = len(session.metrics)
@@ -87,7 +103,7 @@ async def victim(url: str, questions: list[np.ndarray]) -> tuple[list[float], st
     except ConnectionClosed as exc:  # the flood took the victim's session down
         ended = f"LOST: {exc}"
     return [m["voice_to_voice_ms"] for m in session.metrics.values()
-            if m.get("transcript") and m["status"] == "completed" and m["voice_to_voice_ms"] is not None], ended
+            if m.get("transcript") and m["voice_to_voice_ms"] is not None], ended
 
 
 async def phase(server: Any, flood: str, frames: int, questions: list[np.ndarray]) -> dict[str, Any]:
@@ -95,12 +111,20 @@ async def phase(server: Any, flood: str, frames: int, questions: list[np.ndarray
     latencies: list[float] = []
     closes: list[Any] = []
     tasks = [asyncio.create_task(prober(server.port, stop, latencies))]
+    context = multiprocessing.get_context("spawn")
+    flood_stop, flood_closes = context.Event(), context.Queue()
+    process = None
     if flood != "none":
-        tasks.append(asyncio.create_task(flooder(server.ws_url, flood, frames, stop, closes)))
-        await asyncio.sleep(1.0)  # the flood is on before the victim speaks
+        process = context.Process(target=flood_process, args=(server.ws_url, flood, frames, flood_stop, flood_closes))
+        process.start()
+        await asyncio.sleep(3.0)  # the flood is on before the victim speaks
     v2v, ended = await victim(server.ws_url, questions)
     stop.set()
+    flood_stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
+    if process is not None:
+        closes.extend(await asyncio.to_thread(flood_closes.get, True, 30))
+        process.join(10)
     return {"healthz_ms": latencies, "v2v_ms": v2v, "victim": ended, "flood_closes": closes}
 
 
