@@ -175,7 +175,7 @@ class _Connection:
         self._draining = False  # shutting down: audio is no longer listened to
         self._framer = StreamFramer(self.config.audio.input_rate, self.config.audio.frame_ms)
         self._resampler: Resampler | None = None
-        self._audio_limit: TokenBucket | None = None  # once session.start says the input rate
+        self._audio_limit: TokenBucket | None = None  # made at the first audio, at session.start's rate
         self._message_limit = TokenBucket(self.config.server.max_messages_per_s, self.config.server.message_burst)
         self._start: SessionStart | None = None
         self._fatal: ProtocolError | None = None  # the client's fatal error, when that is how it ends
@@ -214,7 +214,6 @@ class _Connection:
             return
         self._start = start
         config = self.config
-        self._audio_limit = audio_bucket(config.server.max_input_rate, config.server.max_message_bytes, start.input_rate)
         from ..session import Session
 
         self.output = WebSocketOutput(
@@ -367,7 +366,9 @@ class _Connection:
         if not data:
             return
         arrived = now()
-        assert self._audio_limit is not None
+        if self._audio_limit is None:  # the first audio: session.start has said its rate
+            server = self.config.server
+            self._audio_limit = audio_bucket(server.max_input_rate, server.max_message_bytes, self._start.input_rate)
         if not self._audio_limit.take(len(data) / 2 / self._start.input_rate, arrived):
             raise input_too_fast()
         pcm = np.frombuffer(data, dtype="<i2").astype(np.int16)
