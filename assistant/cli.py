@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
 import warnings
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -255,13 +258,39 @@ def _count_turns(pcm: Any, config: Any) -> int:
     return asyncio.run(count_turns(frames, vad_settings(config, silero is not None), silero))
 
 
+OUTPUTS = {"output": "reply audio", "report": "report"}  # the --flags a command writes, and what they hold
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse an output that cannot be written, before minutes of loading and conversing."""
+    for flag, what in OUTPUTS.items():
+        value = getattr(args, flag, None)
+        if not value:
+            continue
+        path = Path(value)
+        if path.is_dir():
+            raise InputError(f"--{flag}: cannot write the {what}: {path} is a folder")
+        if not path.parent.exists():
+            raise InputError(f"--{flag}: folder {path.parent} does not exist")
+        if not path.parent.is_dir():
+            raise InputError(f"--{flag}: cannot write the {what}: {path.parent} is not a folder")
+        if not os.access(path if path.exists() else path.parent, os.W_OK):
+            raise InputError(f"--{flag}: cannot write the {what} to {path}: permission denied")
+
+
+@contextlib.contextmanager
+def _writing(flag: str, path: str) -> Iterator[None]:
+    """An OSError while writing an output (a full disk...) as one sentence."""
+    try:
+        yield
+    except OSError as exc:
+        raise InputError(f"cannot write the {OUTPUTS[flag]} to {path}: {exc.strerror or exc}") from None
+
+
 def converse(args: argparse.Namespace, config: Any) -> int:
     from audio.files import decode_file
 
-    for flag in ("output", "report"):
-        value = getattr(args, flag)
-        if value and not Path(value).parent.exists():
-            raise InputError(f"--{flag}: folder {Path(value).parent} does not exist")
+    _check_outputs(args)
     pcm = decode_file(args.input, config.audio.input_rate, config.audio.max_input_seconds)
     _say(f"input: {args.input}, {len(pcm) / config.audio.input_rate:.1f} s")
     if _count_turns(pcm, config) == 0:
@@ -270,7 +299,8 @@ def converse(args: argparse.Namespace, config: Any) -> int:
             from audio.files import write_wav
 
             silent = np.zeros(len(pcm) * config.audio.output_rate // config.audio.input_rate, np.int16)
-            write_wav(args.output, silent, config.audio.output_rate)
+            with _writing("output", args.output):
+                write_wav(args.output, silent, config.audio.output_rate)
         if args.report:
             _write_report(args.report, args.input, config, None, [], fast=args.fast)
         return 0
@@ -303,7 +333,8 @@ async def _converse(args: argparse.Namespace, config: Any, models: Any, pcm: Any
     _say(f"done in {time.monotonic() - started:.1f} s: {len(turns)} turn(s)")
     if args.output:
         duration = len(pcm) * config.audio.output_rate // config.audio.input_rate
-        write_wav(args.output, output.render(duration), config.audio.output_rate)
+        with _writing("output", args.output):
+            write_wav(args.output, output.render(duration), config.audio.output_rate)
         _say(f"wrote {args.output}")
     if args.report:
         _write_report(args.report, args.input, config, session, turns, fast=args.fast)
@@ -356,7 +387,8 @@ def _write_report(path: str, input_path: str, config: Any, session: Any, turns: 
         "milestones_origin": "ms since the start of the input",
         "turns": turns,
     }
-    Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    with _writing("report", path):
+        Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------
@@ -367,6 +399,7 @@ def _write_report(path: str, input_path: str, config: Any, session: Any, turns: 
 def mic(args: argparse.Namespace, config: Any) -> int:
     from audio.devices import resolve_device
 
+    _check_outputs(args)
     in_dev = resolve_device(args.input_device, "input")
     out_dev = resolve_device(args.output_device, "output")
     from .models import load_models

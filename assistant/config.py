@@ -167,6 +167,8 @@ class ServerConfig:
     ping_interval_s: float
     ping_timeout_s: float
     max_input_rate: float
+    max_messages_per_s: float
+    message_burst: int
     jitter_buffer_ms: int
     shutdown_grace_s: float
 
@@ -254,6 +256,8 @@ _CHECKS: dict[str, tuple[Any, Any]] = {
     "server.ping_interval_s": (1, 3600),
     "server.ping_timeout_s": (1, 3600),
     "server.max_input_rate": (1.0, 100.0),
+    "server.max_messages_per_s": (10.0, 100000.0),
+    "server.message_burst": (10, 1000000),
     "server.jitter_buffer_ms": (0, 5000),
     "server.shutdown_grace_s": (0, 60),
     "kiosk.idle_s": (1.0, 3600.0),
@@ -455,3 +459,29 @@ def _check_ranges(config: Config) -> None:
             raise ConfigError(f"llm.url: expected an http(s) URL such as http://127.0.0.1:8000/v1, got {config.llm.url!r}")
     if config.llm.speculative.method == "draft_model" and not config.llm.speculative.draft_model:
         raise ConfigError("llm.speculative.draft_model: required when llm.speculative.method is draft_model")
+    _check_context_budget(config.llm)
+
+
+# No tokenizer is loaded to validate a config: a prompt's tokens are
+# estimated as one per 2 bytes of UTF-8, an over-estimate for English and
+# other Latin-script text (~4 characters a token), so such a prompt that
+# passes here fits. A script with more tokens than bytes / 2 may still pass,
+# and vLLM then says so at the first turn.
+BYTES_PER_TOKEN_AT_LEAST = 2
+
+
+def _check_context_budget(llm: LLMConfig) -> None:
+    """System prompt + history + reply must fit ``llm.max_model_len``: vLLM refused it at the first turn."""
+    prompt = len(llm.system_prompt.encode("utf-8")) // BYTES_PER_TOKEN_AT_LEAST
+    room = llm.max_model_len - llm.history_tokens - llm.max_tokens
+    if room <= 0:
+        raise ConfigError(
+            f"llm.history_tokens: {llm.history_tokens} + llm.max_tokens {llm.max_tokens} leave no room for the "
+            f"prompt in llm.max_model_len ({llm.max_model_len})"
+        )
+    if prompt > room:
+        raise ConfigError(
+            f"llm.system_prompt: about {prompt} tokens (counted as one per {BYTES_PER_TOKEN_AT_LEAST} bytes) "
+            f"with llm.history_tokens ({llm.history_tokens}) and llm.max_tokens ({llm.max_tokens}) exceed "
+            f"llm.max_model_len ({llm.max_model_len})"
+        )

@@ -230,3 +230,33 @@ def load_models(config: Config, progress: Progress = print_progress) -> Models:
 
         llm = load_language_model(config, progress)
     return Models(config=config, whisper=whisper, piper=piper, llm=llm, silero=silero)
+
+
+def stop_child_processes(timeout: float = 2.0) -> int:
+    """Terminate, then kill, every process this one started; how many there were.
+
+    :meth:`Models.close` stops the vLLM engine politely; this is the
+    guarantee behind it when the process must go now (a second SIGTERM, a
+    signal during shutdown): the engine's EngineCore and workers (~2.9 GB)
+    were left running as orphans. Listed recursively before any is signalled,
+    so a worker whose parent dies first is still found.
+    """
+    import psutil
+
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return 0
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+    return len(children)

@@ -14,6 +14,7 @@ import errno
 import logging
 import math
 import os
+import struct
 import wave
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ _EMPTY = np.zeros(0, dtype=np.int16)
 _METADATA_SLACK_S = 1.0
 # Exact check while decoding: resampling may round the length by a sample.
 _DECODE_SLACK_S = 0.01
+# Sample formats whose values can be NaN or infinite (FFmpeg names).
+_FLOAT_FORMATS = frozenset({"flt", "fltp", "dbl", "dblp"})
+# Bytes after a WAV's data chunk that are not chunks, counted as samples the
+# header does not declare, beyond which the file is refused.
+_WAV_SLACK_S = 0.5
 
 
 def decode_file(path: str | Path, rate: int = 16000, max_seconds: float = 300.0) -> np.ndarray:
@@ -68,6 +74,8 @@ def decode_file(path: str | Path, rate: int = 16000, max_seconds: float = 300.0)
             found = f" (it has only {', '.join(kinds)} streams)" if kinds else ""
             raise InputError(f"{path} has no audio stream{found}")
         stream = streams[0]
+        if container.format.name == "wav":
+            _check_wav_length(path, st_size=path.stat().st_size)
         stated = _metadata_seconds(container, stream)
         if stated is not None and stated > max_seconds + _METADATA_SLACK_S:
             raise InputError(_too_long(path, f"is {stated:.1f} s long", max_seconds))
@@ -126,6 +134,61 @@ def _metadata_seconds(container: Any, stream: Any) -> float | None:
     return None
 
 
+def _check_wav_length(path: Path, st_size: int) -> None:
+    """Refuse a WAV whose data chunk states fewer samples than the file holds.
+
+    FFmpeg reads what the header states: a header saying 10 s over 301 s of
+    samples was cut to 10 s without a word. Chunks after the data (LIST,
+    id3) are metadata, not samples; a streamed WAV (size 0 or 0xFFFFFFFF)
+    states nothing to check.
+    """
+    try:
+        with path.open("rb") as f:
+            head = f.read(65536)
+            if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return
+            pos, align, rate, data_at, data_size = 12, 0, 0, -1, 0
+            while pos + 8 <= len(head):
+                kind, size = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
+                if kind == b"fmt " and pos + 24 <= len(head):
+                    rate = struct.unpack("<I", head[pos + 12 : pos + 16])[0]
+                    align = struct.unpack("<H", head[pos + 20 : pos + 22])[0]
+                elif kind == b"data":
+                    data_at, data_size = pos + 8, size
+                    break
+                pos += 8 + size + (size & 1)
+            if data_at < 0 or not align or not rate or data_size in (0, 0xFFFFFFFF):
+                return
+            pos = data_at + data_size + (data_size & 1)
+            while pos + 8 <= st_size:  # the chunks after the data, if that is what follows
+                f.seek(pos)
+                header = f.read(8)
+                size = struct.unpack("<I", header[4:8])[0]
+                if not all(32 <= b < 127 for b in header[:4]) or pos + 8 + size > st_size:
+                    break
+                pos += 8 + size + (size & 1)
+    except (OSError, struct.error):
+        return  # FFmpeg says what is wrong with an unreadable file
+    undeclared = st_size - pos
+    if undeclared > _WAV_SLACK_S * rate * align:
+        stated, held = data_size / (rate * align), (st_size - data_at) / (rate * align)
+        raise InputError(
+            f"{path}: its header says {stated:.1f} s of audio but the file holds {held:.1f} s "
+            "(a damaged or hand-written WAV header; re-save the file)"
+        )
+
+
+def _check_finite(path: Path, frame: Any) -> None:
+    """NaN or infinite float samples, which the conversion to PCM16 turned into silence."""
+    if frame.format.name not in _FLOAT_FORMATS:
+        return
+    data = frame.to_ndarray()
+    if np.isfinite(data).all():
+        return
+    what = "NaN (not a number)" if np.isnan(data).any() else "infinite values"
+    raise InputError(f"{path} holds samples that are {what}: it is damaged or was written wrongly")
+
+
 def _too_long(path: Path, how_long: str, max_seconds: float) -> str:
     return f"{path} {how_long}; the limit is {max_seconds:g} s (audio.max_input_seconds)"
 
@@ -161,6 +224,7 @@ def _decode_stream(
             for frame in frames:
                 if frame.samples == 0:  # FFmpeg refuses to filter an empty frame
                     continue
+                _check_finite(path, frame)
                 if resampler is None:
                     resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
                 try:

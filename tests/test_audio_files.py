@@ -369,3 +369,53 @@ def test_pcm16_from_bytes_reads_every_width_and_downmixes() -> None:
     assert np.array_equal(pcm16_from_bytes(stereo, 2, 2), [2000, -2000])
     with pytest.raises(ValueError):
         pcm16_from_bytes(b"\0" * 10, 5, 1)
+
+
+def raw_wav(path: Path, data: bytes, rate: int, *, fmt: int = 1, bits: int = 16, stated_bytes: int | None = None) -> Path:
+    """A mono WAV written byte by byte, its data chunk's stated size free to lie."""
+    import struct
+
+    align = bits // 8
+    fmt_chunk = struct.pack("<HHIIHH", fmt, 1, rate, rate * align, align, bits)
+    stated = len(data) if stated_bytes is None else stated_bytes
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt_chunk)) + fmt_chunk + b"data" + struct.pack("<I", stated) + data
+    path.write_bytes(b"RIFF" + struct.pack("<I", 4 + len(body) - 4) + body)
+    return path
+
+
+@pytest.mark.parametrize(("value", "says"), [(np.nan, "NaN"), (np.inf, "infinite"), (-np.inf, "infinite")])
+def test_float_wav_with_nan_or_infinite_samples_says_so(tmp_path: Path, value: float, says: str) -> None:
+    """Such samples were read as silence ("nothing to answer")."""
+    samples = (0.3 * np.sin(np.arange(16000) / 5)).astype("<f4")
+    samples[4000:4100] = value
+    path = raw_wav(tmp_path / "float.wav", samples.tobytes(), 16000, fmt=3, bits=32)
+    with pytest.raises(InputError) as caught:
+        decode_file(path)
+    assert "float.wav" in str(caught.value) and says in str(caught.value)
+
+
+def test_a_finite_float_wav_still_decodes(tmp_path: Path) -> None:
+    samples = (0.3 * np.sin(np.arange(16000) / 5)).astype("<f4")
+    pcm = decode_file(raw_wav(tmp_path / "float.wav", samples.tobytes(), 16000, fmt=3, bits=32))
+    assert len(pcm) == 16000 and np.abs(pcm).max() > 5000
+
+
+def test_wav_holding_more_than_its_header_says_is_refused(tmp_path: Path) -> None:
+    """A header that claims 10 s over 301 s of samples was cut to 10 s silently."""
+    rate = 8000
+    data = sine(300, rate, 301.0).astype("<i2").tobytes()
+    path = raw_wav(tmp_path / "liar.wav", data, rate, stated_bytes=10 * rate * 2)
+    with pytest.raises(InputError) as caught:
+        decode_file(path)
+    message = str(caught.value)
+    assert "liar.wav" in message and "10.0 s" in message and "301.0 s" in message
+
+
+def test_wav_with_chunks_after_the_data_is_fine(tmp_path: Path) -> None:
+    """Metadata after the samples (a LIST chunk) is not extra audio."""
+    import struct
+
+    path = raw_wav(tmp_path / "tagged.wav", sine(300, 16000, 1.0).astype("<i2").tobytes(), 16000)
+    info = b"INFOISFT" + struct.pack("<I", 6) + b"tests\x00"
+    path.write_bytes(path.read_bytes() + b"LIST" + struct.pack("<I", len(info)) + info)
+    assert len(decode_file(path)) == 16000

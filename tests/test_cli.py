@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import wave
 from pathlib import Path
 from typing import Any
@@ -125,3 +126,24 @@ def test_converse_on_a_stereo_44k_flac(tmp_path: Path, models: Any) -> None:
     reply = pcm[start:].astype(np.float32) / 32768
     heard = transcribe(models, pcm[start:], rate)
     assert len(words(heard)) >= 3 and len(reply) > rate // 2, heard
+
+
+def test_outputs_are_checked_before_the_models_load(speech: Path, tmp_path: Path) -> None:
+    """A report path that is a folder is refused at once, not after the whole turn ran."""
+    for flag in ("--report", "--output"):
+        started = time.monotonic()
+        result = cli("converse", str(speech), flag, str(tmp_path), timeout=60)
+        one_line_error(result, 2, f"{flag}: cannot write", "is a folder")
+        assert time.monotonic() - started < 20  # no model was loaded
+        assert "loading" not in result.stderr.lower()
+
+
+def test_a_full_disk_is_a_sentence(tmp_path: Path) -> None:
+    """Writing fails (disk full): one line that says so, not 'internal error: OSError'."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    silence = str(ASSETS / "misc" / "silence.wav")  # nothing to answer: written at once, no model loaded
+    one_line_error(cli("converse", silence, "--output", "/dev/full"), 2, "cannot write the reply audio to /dev/full",
+                   "No space left on device")
+    one_line_error(cli("converse", silence, "--report", "/dev/full"), 2, "cannot write the report to /dev/full",
+                   "No space left on device")

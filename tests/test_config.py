@@ -116,3 +116,14 @@ def test_endless_or_huge_config_file_is_refused(tmp_path: Path) -> None:
 
 def test_config_path_that_is_a_folder(tmp_path: Path) -> None:
     assert "is a folder" in _refused(tmp_path)
+
+
+def test_a_system_prompt_over_the_context_is_refused_at_load() -> None:
+    huge = "word " * 200_000  # 1 MB (the report: 10 MB): vLLM refused it at the first turn ("maximum context length")
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [f"llm.system_prompt={huge}"])
+    message = str(caught.value)
+    assert message.startswith("llm.system_prompt:") and "llm.max_model_len" in message
+    with pytest.raises(ConfigError, match="llm.history_tokens"):
+        load_config(None, ["llm.history_tokens=4000"])
+    assert load_config(None, ["llm.system_prompt=" + "word " * 200]).llm.system_prompt  # a normal prompt fits

@@ -109,6 +109,13 @@ def test_session_start_defaults_and_client_cut() -> None:
         ('{"type": "session.start", "protocol": 1, "output_rate": true}', "output_rate: expected an integer"),
         ('{"type": "session.start", "protocol": 1, "output_rate": 16000.0}', "output_rate: expected an integer"),
         ('{"type": "session.start", "protocol": 1, "client": 7}', "client: expected a string, got 7"),
+        ('{"type": "session.start", "protocol": true}', "unsupported protocol True; this server speaks 1"),
+        ('{"type": "session.start", "protocol": 1.0}', "unsupported protocol 1.0; this server speaks 1"),
+        ('{"type": "session.start", "protocol": "1"}', "unsupported protocol '1'; this server speaks 1"),
+        ("[" * 100_000 + "]" * 100_000, "(text frame of 200000 characters is over the limit of 65536)"),
+        ("[" * 30_000 + "]" * 30_000, "(text frame nested deeper than 32 levels)"),
+        ('{"type": "session.start", "protocol": 1, "client": ' + "[" * 40 + "]" * 40 + "}", "nested deeper than 32"),
+        ('{"type": "session.start", "protocol": 1, "client": "' + "x" * 70_000 + '"}', "text frame of 70"),
     ],
 )
 def test_bad_session_start_is_fatal(frame: str | bytes, says: str) -> None:
@@ -143,12 +150,31 @@ BAD_POSITION = "playback.position: turn_id and samples must be integers >= 0"
         ('{"type": "playback.position", "turn_id": 1, "samples": -1}', BAD_POSITION),
         ('{"type": "playback.position", "turn_id": true, "samples": 1}', BAD_POSITION),
         ('{"type": "playback.position", "turn_id": 1}', BAD_POSITION),
+        ('{"type": "playback.position", "turn_id": 1, "samples": 2.0}', BAD_POSITION),
+        ("[" * 100_000 + "]" * 100_000, "text frame of 200000 characters is over the limit of 65536"),
+        ("[" * 30_000 + "]" * 30_000, "text frame nested deeper than 32 levels"),
+        ('{"a": ' * 33 + "1" + "}" * 33, "text frame nested deeper than 32 levels"),
+        ('{"type": "input.end", "pad": "' + "x" * 70_000 + '"}', "text frame of 70032 characters is over the limit of 65536"),
+        ('"' + "[" * 5000 + '"', 'expected a JSON object with a "type"'),  # brackets in a string do not count
+        ('{"type": "input.end"', "text frame is not JSON"),
+        ('{"type": "input.end"}}', "text frame is not JSON"),
+        ('{"type": NaN}', "text frame is not JSON"),
+        ('{"type": "\\ud800"}', "unknown message type '\\ud800'"),
     ],
 )
 def test_bad_requests_are_not_fatal(text: str, message: str) -> None:
     with pytest.raises(v1.ProtocolError) as caught:
         wire().parse(text)
     assert (caught.value.code, caught.value.message, caught.value.fatal) == ("bad_message", message, False)
+
+
+def test_nesting_within_the_limit_and_brackets_in_strings_are_fine() -> None:
+    nested = '{"type": "input.end", "x": ' + "[" * 30 + "]" * 30 + "}"
+    assert wire().parse(nested) == v1.InputEnd()
+    quoted = json.dumps({"type": "input.end", "s": "[{" * 1000 + '\\"]'})
+    assert wire().parse(quoted) == v1.InputEnd()
+    assert v1.json_depth('{"a": [1, {"b": "]]]]"}]}') == 3
+    assert v1.json_depth('"\\\\" [') == 1
 
 
 def test_audio_checks() -> None:

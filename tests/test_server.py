@@ -600,3 +600,252 @@ def test_barge_in_cuts_at_the_playback_position_the_client_reported(models: Any,
     assert metrics[2]["status"] == "completed"
     assert word_error_rate("What is the capital of France?", metrics[2]["transcript"]) <= 0.2
     assert evs[-1]["type"] == "session.ended"
+
+
+# --------------------------------------------------------------------------
+# Hostile and clumsy clients: no slot leaks, bounded parsing, message rate
+# --------------------------------------------------------------------------
+
+
+async def health(port: int) -> dict[str, Any]:
+    status, _, body = await http_get(port, "/healthz")
+    assert status == 200
+    return json.loads(body)
+
+
+async def sessions_drop_to_zero(server: Server, timeout: float = 8) -> int:
+    """What /healthz counts once every connection has had ``timeout`` to wind down."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        count = (await health(server.port))["sessions"]
+        if count == 0 or loop.time() > deadline:
+            return count
+        await asyncio.sleep(0.1)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # 200 KB: the JSON decoder's recursion limit, ~1000 levels, is far below
+
+
+def test_session_slots_are_released_however_a_connection_ends(
+    models: Any, run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each way a connection can end, then /healthz must count 0 again and every slot be usable.
+
+    Faults inside the server (a bug while handling a message, while closing,
+    in the handshake) are injected by patching the one method that fails."""
+    from assistant.server import output as output_module
+    from assistant.server import protocol as protocol_module
+    from assistant.server import server as server_module
+
+    config = config_with("server.max_sessions=3", "server.idle_timeout_s=2", "server.max_message_bytes=262144")
+    original_parse = protocol_module.ProtocolV1.parse
+    original_finish = output_module.WebSocketOutput.finish
+    original_handshake = server_module.Server._check_handshake
+
+    def parse(self: Any, text: str) -> Any:
+        if "boom" in text:
+            raise RuntimeError("a bug while handling a message")
+        return original_parse(self, text)
+
+    async def finish(self: Any, *args: Any) -> None:
+        if getattr(self, "boom_on_close", False):
+            raise RuntimeError("a bug while closing")
+        await original_finish(self, *args)
+
+    def check_handshake(self: Any, ws: Any, request: Any, query: str) -> Any:
+        if "boom" in query:
+            raise RuntimeError("a bug in the handshake")
+        return original_handshake(self, ws, request, query)
+
+    monkeypatch.setattr(protocol_module.ProtocolV1, "parse", parse)
+    monkeypatch.setattr(output_module.WebSocketOutput, "finish", finish)
+    monkeypatch.setattr(server_module.Server, "_check_handshake", check_handshake)
+
+    async def ended_way(server: Server, way: str) -> tuple[str, Any]:
+        """One connection ended ``way``; what it saw last, and its close code."""
+        url = server.ws_url + ("?boom" if way == "handshake_bug" else "")
+        try:
+            ws = await connect(url)
+        except InvalidStatus as exc:
+            return way, exc.response.status_code
+        if way == "before_start":
+            await ws.close()
+            return way, ws.close_code
+        if way == "bad_start":
+            await ws.send(DEEP)
+            return way, (events(await until_closed(ws, 5))[-1]["code"], ws.close_code)
+        ready = await start_session(ws)
+        assert ready["type"] == "session.ready", ready
+        if way == "deep_then_gone":  # the issue's report: every one of these leaked its slot
+            await ws.send(DEEP)
+            first = await next_event(ws)
+            ws.transport.abort()
+            return way, (first["code"], first["fatal"])
+        if way == "session_end":
+            await ws.send(json.dumps({"type": "session.end"}))
+        elif way == "aborted":
+            ws.transport.abort()
+            return way, None
+        elif way == "idle":
+            pass
+        elif way == "too_big":
+            await ws.send(b"\x00" * 300_000)
+        elif way == "message_bug":
+            await ws.send(json.dumps({"type": "boom"}))
+        elif way == "close_bug":
+            connection = next(c for c in server._connections if c.session and c.session.id == ready["session_id"])
+            connection.output.boom_on_close = True  # type: ignore[union-attr]
+            await ws.send(json.dumps({"type": "session.end"}))
+        messages = await until_closed(ws, 10)
+        evs = events(messages)
+        return way, ((evs[-1]["type"], evs[-1].get("code") or evs[-1].get("reason")) if evs else None, ws.close_code)
+
+    async def body(server: Server) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        ways = ["deep_then_gone", "deep_then_gone", "deep_then_gone", "before_start", "bad_start", "session_end",
+                "aborted", "idle", "too_big", "message_bug", "close_bug", "handshake_bug"]
+        for way in ways:
+            _, seen = await ended_way(server, way)
+            results.setdefault(way, []).append(seen)
+            results.setdefault("left", []).append((way, await sessions_drop_to_zero(server)))
+        # 13 clients at once against 3 slots: exactly 3 sessions, then every slot free again.
+        async def one() -> str:
+            async with connect(server.ws_url) as ws:
+                try:
+                    first = await start_session(ws)
+                except ConnectionClosed:  # refused before session.start could even be sent
+                    return "too_many_sessions" if ws.close_code == 1013 else f"closed {ws.close_code}"
+                kind = first["type"] if first["type"] == "session.ready" else first["code"]
+                await asyncio.sleep(0.5)
+                return kind
+
+        results["crowd"] = sorted(await asyncio.gather(*(one() for _ in range(13))))
+        results["crowd_left"] = await sessions_drop_to_zero(server)
+        async with connect(server.ws_url) as a, connect(server.ws_url) as b, connect(server.ws_url) as c:
+            results["full_again"] = [(await start_session(ws))["type"] for ws in (a, b, c)]
+        return results
+
+    r = run_server(run, models, config, body)
+    assert r["left"] == [(way, 0) for way, _ in r["left"]], r["left"]
+    assert r["deep_then_gone"] == [("bad_message", False)] * 3
+    assert r["bad_start"] == [("protocol", 1008)]
+    assert r["session_end"] == [(("session.ended", "session_end"), 1000)]
+    assert r["idle"] == [(("session.ended", "idle_timeout"), 1000)]
+    assert r["too_big"] == [(None, 1009)]
+    assert r["message_bug"] == [(("error", "internal"), 1011)]
+    assert r["close_bug"][0][1] in (1000, 1011, 1006), r["close_bug"]
+    assert r["handshake_bug"] == [500]
+    assert r["crowd"] == ["session.ready"] * 3 + ["too_many_sessions"] * 10
+    assert r["crowd_left"] == 0
+    assert r["full_again"] == ["session.ready"] * 3
+
+
+def test_deep_json_gets_an_error_and_the_session_goes_on(models: Any, config: Config, run: Any) -> None:
+    async def body(server: Server) -> dict[str, Any]:
+        async with connect(server.ws_url) as first:
+            await first.send("[" * 30_000 + "]" * 30_000)
+            refused = (await next_event(first), first)
+            await until_closed(first, 5)
+        async with connect(server.ws_url) as ws:
+            await start_session(ws)
+            await ws.send("[" * 30_000 + "]" * 30_000)
+            deep = await next_event(ws)
+            await ws.send(json.dumps({"type": "session.start", "protocol": True}))
+            second = await next_event(ws)
+            await ws.send(json.dumps({"type": "session.end"}))
+            ended = events(await until_closed(ws, 10))[-1]
+        return {"refused": (refused[0], refused[1].close_code), "deep": deep, "second": second, "ended": ended}
+
+    r = run_server(run, models, config, body)
+    event, code = r["refused"]
+    assert (event["code"], event["fatal"], code) == ("protocol", True, 1008)
+    assert "nested deeper than 32 levels" in event["message"]
+    assert (r["deep"]["code"], r["deep"]["fatal"]) == ("bad_message", False)
+    assert r["deep"]["message"] == "text frame nested deeper than 32 levels"
+    assert r["second"]["code"] == "bad_message"  # the session answered the next message
+    assert r["ended"]["reason"] == "session_end"
+
+
+def test_protocol_true_or_float_is_refused(models: Any, config: Config, run: Any) -> None:
+    async def body(server: Server) -> list[tuple[Any, ...]]:
+        out = []
+        for version in (True, 1.0):
+            async with connect(server.ws_url) as ws:
+                event = await start_session(ws, protocol=version)
+                await until_closed(ws, 5)
+                out.append((event["type"], event.get("code"), ws.close_code))
+        return out
+
+    assert run_server(run, models, config, body) == [("error", "protocol", 1008)] * 2
+
+
+def test_a_max_size_audio_frame_the_docs_allow_is_accepted(models: Any, run: Any) -> None:
+    """The docs allow any even length up to max_message_bytes: one such frame (8.19 s at 16 kHz)
+    must not trip the input-rate check; a stream faster than the rate still does."""
+    config = config_with("server.max_message_bytes=262144")
+
+    async def body(server: Server) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for rate in (16000, 8000):
+            async with connect(server.ws_url) as ws:
+                await start_session(ws, input_rate=rate)
+                await ws.send(b"\x00\x00" * (config.server.max_message_bytes // 2 - 1))
+                await ws.send(json.dumps({"type": "session.end"}))
+                evs = events(await until_closed(ws, 15))
+                out[rate] = ([(e["type"], e.get("code") or e.get("reason")) for e in evs
+                              if e["type"] in ("error", "session.ended")], ws.close_code)
+        return out
+
+    r = run_server(run, models, config, body)
+    assert r[16000] == ([("session.ended", "session_end")], 1000)
+    assert r[8000] == ([("session.ended", "session_end")], 1000)
+
+
+@pytest.mark.parametrize("kind", ["text", "binary"])
+def test_a_message_flood_is_closed_and_does_not_starve_the_server(models: Any, run: Any, kind: str) -> None:
+    """300,000 tiny frames as fast as the socket takes them: the flooder is closed with
+    message_rate (1008) within its burst, and /healthz stays quick meanwhile."""
+    config = config_with("server.max_messages_per_s=200", "server.message_burst=400")
+
+    async def body(server: Server) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        latencies: list[float] = []
+        stop = asyncio.Event()
+
+        async def probe() -> None:
+            while not stop.is_set():
+                began = loop.time()
+                await health(server.port)
+                latencies.append(loop.time() - began)
+                await asyncio.sleep(0.05)
+
+        async with connect(server.ws_url) as bystander:
+            await start_session(bystander)
+            prober = asyncio.create_task(probe())
+            async with connect(server.ws_url, max_queue=None) as flood:
+                await start_session(flood)
+                frame: str | bytes = json.dumps({"type": "playback.position", "turn_id": 1, "samples": 0}) \
+                    if kind == "text" else b"\x00\x00"
+                sent = 0
+                with contextlib.suppress(ConnectionClosed):
+                    for _ in range(300_000):
+                        await flood.send(frame)
+                        sent += 1
+                flood_events = events(await until_closed(flood, 10))
+                flood_code = flood.close_code
+            await asyncio.sleep(0.3)
+            stop.set()
+            await prober
+            await bystander.send(json.dumps({"type": "session.end"}))
+            bystander_end = events(await until_closed(bystander, 10))[-1]
+        return {"sent": sent, "events": flood_events, "code": flood_code, "latencies": latencies,
+                "bystander": bystander_end}
+
+    r = run_server(run, models, config, body)
+    assert r["code"] == 1008, r["code"]
+    last = r["events"][-1]
+    assert (last["type"], last["code"], last["fatal"]) == ("error", "message_rate", True)
+    assert "200 messages per second" in last["message"]
+    assert r["latencies"] and max(r["latencies"]) < 1.0, r["latencies"]
+    assert r["bystander"]["reason"] == "session_end"

@@ -31,6 +31,7 @@ from :meth:`WireProtocol.audio_start` / ``audio_end``, and None from
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final, Protocol
@@ -43,6 +44,8 @@ from pipeline.frames import Event, now
 PROTOCOL_VERSION: Final = 1
 MIN_RATE, MAX_RATE = 8000, 48000
 CLOSE_REASON_BYTES: Final = 120  # a close frame's reason holds at most 123 bytes of UTF-8
+MAX_TEXT_CHARS: Final = 65536  # the longest client text frame; every message of v1 fits in a few hundred
+MAX_JSON_DEPTH: Final = 32  # the deepest nesting a client text frame may have (v1's messages are flat)
 
 Message = dict[str, Any]  # one JSON text frame, before encoding
 
@@ -82,6 +85,7 @@ class ErrorCode(StrEnum):
     PROTOCOL = "protocol"
     TOO_MANY_SESSIONS = "too_many_sessions"
     INPUT_RATE = "input_rate"
+    MESSAGE_RATE = "message_rate"
     INTERNAL = "internal"
 
 
@@ -89,6 +93,7 @@ FATAL_CLOSE: Final[dict[ErrorCode, CloseCode]] = {
     ErrorCode.PROTOCOL: CloseCode.POLICY_VIOLATION,
     ErrorCode.TOO_MANY_SESSIONS: CloseCode.TRY_AGAIN_LATER,
     ErrorCode.INPUT_RATE: CloseCode.POLICY_VIOLATION,
+    ErrorCode.MESSAGE_RATE: CloseCode.POLICY_VIOLATION,
     ErrorCode.INTERNAL: CloseCode.INTERNAL_ERROR,
 }
 """The close code that follows a fatal error."""
@@ -121,6 +126,42 @@ def decode(text: str) -> Message:
     if not isinstance(message, dict):
         raise ValueError("expected a JSON object")
     return message
+
+
+_STRING: Final = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET: Final = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth(text: str) -> int:
+    """How deep the brackets of ``text`` nest, strings skipped, without decoding it.
+
+    The JSON decoder recurses once per level: 100,000 levels raised
+    RecursionError out of ``json.loads``. Two regular-expression passes (C
+    speed) and one pass over the brackets alone bound the work by the text's
+    length. An unterminated string counts its brackets: such text is not
+    JSON anyway.
+    """
+    depth = deepest = 0
+    for bracket in _NOT_BRACKET.sub("", _STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _load_client_json(text: str) -> Any:
+    """A client's text frame decoded, its size and nesting checked first; ValueError says what is wrong."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"text frame of {len(text)} characters is over the limit of {MAX_TEXT_CHARS}")
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise ValueError(f"text frame nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)  # NaN and Infinity are not JSON
+    except ValueError:  # JSONDecodeError, a number over Python's digit limit, NaN
+        raise ValueError("text frame is not JSON") from None
 
 
 def session_start(input_rate: int, output_rate: int, client: str) -> Message:
@@ -160,6 +201,14 @@ def too_many_sessions(limit: int) -> ProtocolError:
 
 def input_too_fast() -> ProtocolError:
     return ProtocolError(ErrorCode.INPUT_RATE, _INPUT_RATE_MESSAGE, fatal=True)
+
+
+def messages_too_fast(per_second: float, burst: int) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.MESSAGE_RATE,
+        f"more than {per_second:g} messages per second (bursts of {burst}) arrived; the session is closed",
+        fatal=True,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,13 +381,14 @@ class ProtocolV1:
         if isinstance(frame, bytes):
             raise _bad_start("the first message must be session.start (got audio)")
         try:
-            message = json.loads(frame)
-        except ValueError:
-            raise _bad_start("the first message must be session.start (got text that is not JSON)") from None
+            message = _load_client_json(frame)
+        except ValueError as exc:
+            said = "got text that is not JSON" if str(exc) == "text frame is not JSON" else exc
+            raise _bad_start(f"the first message must be session.start ({said})") from None
         if not isinstance(message, dict) or message.get("type") != MessageType.SESSION_START:
             kind = message.get("type") if isinstance(message, dict) else type(message).__name__
             raise _bad_start(f"the first message must be session.start (got {kind!r})")
-        if message.get("protocol") != PROTOCOL_VERSION:
+        if type(message.get("protocol")) is not int or message["protocol"] != PROTOCOL_VERSION:  # not True, not 1.0
             raise _bad_start(f"unsupported protocol {message.get('protocol')!r}; this server speaks {PROTOCOL_VERSION}")
         rates = []
         for key, default in (("input_rate", default_input), ("output_rate", default_output)):
@@ -354,9 +404,9 @@ class ProtocolV1:
     def parse(self, text: str) -> ClientRequest:
         """A text frame after session.start; a non-fatal ``bad_message`` error if it is not one the protocol has."""
         try:
-            message = json.loads(text)
-        except ValueError:
-            raise _bad_message("text frame is not JSON") from None
+            message = _load_client_json(text)
+        except ValueError as exc:
+            raise _bad_message(str(exc)) from None
         if not isinstance(message, dict):
             raise _bad_message("expected a JSON object with a \"type\"")
         kind = message.get("type")

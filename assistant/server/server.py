@@ -52,6 +52,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from audio.framing import StreamFramer
 from audio.resample import Resampler
@@ -71,6 +72,7 @@ from .protocol import (
     SessionStart,
     WireProtocol,
     input_too_fast,
+    messages_too_fast,
     start_timeout,
     too_many_sessions,
 )
@@ -86,6 +88,9 @@ CLOSE_TIMEOUT_S: Final = 2.0  # closing handshake
 SETTLE_TIMEOUT_S: Final = 2.0  # a cancelled session's pipeline gets this long to wind down
 INPUT_QUEUE_FRAMES: Final = 500  # 10 s of 20 ms frames; the oldest are dropped beyond
 RATE_WINDOW_S: Final = 2.0  # the input rate check's burst allowance, in seconds of wall clock
+MAX_PATH_CHARS: Final = 2048  # a longer request target gets 414 (no file of the client is named that long)
+MAX_HEAD_BYTES: Final = 65536  # past this without a blank line, the websockets parser's own limits answer
+ALLOWED_METHODS: Final = ("GET", "HEAD")
 
 CONTENT_TYPES: Final = {
     ".html": "text/html; charset=utf-8",
@@ -110,25 +115,38 @@ class ListenError(UserError):
     exit_code = 4
 
 
-class InputRateLimit:
-    """A token bucket of audio seconds: refills at ``rate`` x real time.
+class TokenBucket:
+    """A token bucket: holds ``capacity``, refills at ``rate`` per second.
 
-    It holds ``rate * window_s`` seconds, so a client that sends in bursts
-    (network hiccups, big messages) is fine while one that streams faster
-    than ``rate`` x real time runs dry within a few seconds.
+    Two per connection: audio seconds (refilling at ``server.max_input_rate``
+    x real time) and messages (``server.max_messages_per_s``). A client that
+    sends in bursts (network hiccups, big messages) is fine while one that
+    sends faster than the rate runs dry after one burst.
     """
 
-    def __init__(self, rate: float, window_s: float = RATE_WINDOW_S) -> None:
+    def __init__(self, rate: float, capacity: float) -> None:
         self.rate = rate
-        self.capacity = max(rate * window_s, 1.0)
+        self.capacity = max(capacity, 1.0)
         self._tokens = self.capacity
         self._at = now()
 
-    def take(self, seconds: float, at: float) -> bool:
+    def take(self, amount: float, at: float) -> bool:
         self._tokens = min(self.capacity, self._tokens + (at - self._at) * self.rate)
         self._at = at
-        self._tokens -= seconds
+        self._tokens -= amount
         return self._tokens >= 0
+
+
+def audio_bucket(max_input_rate: float, max_message_bytes: int, input_rate: int) -> TokenBucket:
+    """The input-rate check for a session whose audio comes at ``input_rate``.
+
+    It holds ``RATE_WINDOW_S`` of audio at the allowed rate, or one message of
+    the largest size the server accepts if that is more (262,142 bytes are
+    8.19 s at 16 kHz): the docs allow any even length up to
+    ``max_message_bytes``, so one such frame must pass.
+    """
+    largest = max_message_bytes // 2 / input_rate
+    return TokenBucket(max_input_rate, max(max_input_rate * RATE_WINDOW_S, largest))
 
 
 # --------------------------------------------------------------------------
@@ -157,8 +175,10 @@ class _Connection:
         self._draining = False  # shutting down: audio is no longer listened to
         self._framer = StreamFramer(self.config.audio.input_rate, self.config.audio.frame_ms)
         self._resampler: Resampler | None = None
-        self._limit = InputRateLimit(self.config.server.max_input_rate)
+        self._audio_limit: TokenBucket | None = None  # made at the first audio, at session.start's rate
+        self._message_limit = TokenBucket(self.config.server.max_messages_per_s, self.config.server.message_burst)
         self._start: SessionStart | None = None
+        self._fatal: ProtocolError | None = None  # the client's fatal error, when that is how it ends
 
     @property
     def id(self) -> str:
@@ -230,9 +250,22 @@ class _Connection:
         await self._finish(reason, pipeline, sender)
 
     def _spawn(self, coro: Any, what: str) -> asyncio.Task[Any]:
+        """A task of this connection; one that fails ends the connection (1011), never silently."""
         task = asyncio.create_task(coro, name=f"{self.session.id if self.session else 'ws'}:{what}")
         self._tasks.append(task)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        # A receive loop that died of a bug used to leave the connection
+        # waiting forever (no idle timeout either): its slot leaked.
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        if not task.get_name().endswith(":session"):  # the pipeline's own failure is logged in _run
+            log.error("session %s: internal error in %s: %s: %s", self.id, task.get_name(), type(exc).__name__, exc)
+            log.debug("session %s: traceback", self.id, exc_info=exc)
+        self.end("internal")
 
     async def _read_start(self) -> SessionStart | None:
         """Wait for session.start (or a shutdown); refuse anything else."""
@@ -266,7 +299,8 @@ class _Connection:
         await self._close_with(self.wire.refusal(error))
 
     async def _finish(self, reason: str, pipeline: asyncio.Task[None], sender: asyncio.Task[None]) -> None:
-        ending = self.wire.ending(reason)
+        fatal = self._fatal is not None and reason == self._fatal.code
+        ending = self.wire.refusal(self._fatal) if fatal and self._fatal is not None else self.wire.ending(reason)
         assert self.output is not None
         if reason == "disconnected":
             self.output.close()
@@ -275,8 +309,12 @@ class _Connection:
             # included); the client's audio meanwhile is dropped quietly.
             self._draining = True
             self._end_input()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(pipeline), self.server.shutdown_grace_s)
+            hurry = asyncio.ensure_future(self.server.hurried.wait())
+            try:  # the grace ends early when a second signal hurries the shutdown
+                await asyncio.wait({pipeline, hurry}, timeout=self.server.shutdown_grace_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                hurry.cancel()
         if ending.cancel_turns:
             self._cancel_turns(reason.replace("_", " "))
         self._end_input()
@@ -335,7 +373,10 @@ class _Connection:
         if not data:
             return
         arrived = now()
-        if not self._limit.take(len(data) / 2 / self._start.input_rate, arrived):
+        if self._audio_limit is None:  # the first audio: session.start has said its rate
+            server = self.config.server
+            self._audio_limit = audio_bucket(server.max_input_rate, server.max_message_bytes, self._start.input_rate)
+        if not self._audio_limit.take(len(data) / 2 / self._start.input_rate, arrived):
             raise input_too_fast()
         pcm = np.frombuffer(data, dtype="<i2").astype(np.int16)
         self._push(self._resampler.process(pcm), arrived)
@@ -357,15 +398,22 @@ class _Connection:
                 self.end("disconnected")
                 return
             try:
+                if not self._message_limit.take(1, now()):
+                    raise messages_too_fast(self.config.server.max_messages_per_s, self.config.server.message_burst)
                 if isinstance(message, bytes):
                     self._on_audio(message)
                 else:
                     self._on_text(message)
             except ProtocolError as exc:
                 if exc.fatal:
+                    self._fatal = self._fatal or exc
                     self.end(exc.code)
                     return
                 self._send(self.wire.error(exc.code, exc.message, fatal=False, at=now()))
+            # Fairness: a connection whose messages are already buffered would
+            # otherwise run this loop without ever giving way (a flood of tiny
+            # frames held /healthz up to 4.4 s); one message, then the others' turn.
+            await asyncio.sleep(0)
 
     def _on_text(self, text: str) -> None:
         match self.wire.parse(text):
@@ -398,6 +446,64 @@ def _peer(ws: ServerConnection) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         return f"{address[0]}:{address[1]}"
     return str(address)
+
+
+class _HTTPConnection(ServerConnection):
+    """A websockets connection that hands its parser the request head alone.
+
+    The websockets server reads the request head, then parses what follows
+    as websocket frames even before it has answered: a second, pipelined
+    request or a request body became a bogus frame, the parser ended the
+    stream, and answering the first request then failed an assertion inside
+    the library (a traceback per request). Here the head is cut at its blank
+    line; anything after it before the answer (or a head announcing a body)
+    gets a plain 400, and the connection closes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head: bytearray | None = bytearray()  # None: the head is complete
+
+    def data_received(self, data: bytes) -> None:
+        if self.protocol.state is not State.CONNECTING:
+            super().data_received(data)
+            return
+        if self._head is None:  # more bytes after the head, before the answer
+            self._bad_request("one request per connection, without a body")
+            return
+        start = len(self._head)
+        self._head += data
+        end = self._head.find(b"\r\n\r\n", max(0, start - 3))
+        if end < 0:
+            if len(self._head) > MAX_HEAD_BYTES:
+                self._head = None  # let the library refuse it with its own limits
+            super().data_received(data)
+            return
+        head, extra = bytes(self._head[: end + 4]), len(self._head) > end + 4
+        self._head = None
+        if extra or _announces_body(head):
+            self._bad_request("one request per connection, without a body")
+            return
+        super().data_received(data[: end + 4 - start])
+
+    def _bad_request(self, why: str) -> None:
+        if self.transport.is_closing():
+            return
+        log.info("HTTP request from %s refused: %s", _peer(self), why)
+        response = _response(http.HTTPStatus.BAD_REQUEST, f"bad request: {why}\n".encode())
+        response.headers["Server"] = "voice-assistant"
+        self.transport.write(response.serialize())
+        self.transport.close()
+
+
+def _announces_body(head: bytes) -> bool:
+    """A request head with a body to follow (Content-Length other than 0, or Transfer-Encoding)."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------
@@ -443,6 +549,7 @@ class Server:
         self._ws: WSServer | None = None
         self._connections: set[_Connection] = set()
         self._started_at = time.monotonic()
+        self.hurried = asyncio.Event()  # a second signal: in-flight turns get no more grace
         from ..telemetry import Telemetry
 
         self.telemetry = Telemetry()
@@ -457,6 +564,7 @@ class Server:
         self._ws = await ws_serve(
             self._handle,
             process_request=self._process_request,
+            create_connection=_HTTPConnection,
             max_size=s.max_message_bytes,
             ping_interval=s.ping_interval_s,
             ping_timeout=s.ping_timeout_s,
@@ -484,6 +592,11 @@ class Server:
             for connection in list(self._connections):
                 connection.ws.transport.abort()
         self._ws = None
+
+    def hurry(self) -> None:
+        """End the shutdown's grace now: turns are cancelled, sessions still told (session.ended, 1001)."""
+        self.shutdown_grace_s = 0
+        self.hurried.set()
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -522,13 +635,38 @@ class Server:
     # ---- HTTP -------------------------------------------------------------
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        """Every HTTP request, the websocket handshake included; a bug is a 500 and one log line."""
+        try:
+            return self._answer(ws, request)
+        except Exception as exc:
+            log.error("HTTP request from %s: internal error: %s: %s", _peer(ws), type(exc).__name__, exc)
+            log.debug("traceback", exc_info=True)
+            return _response(http.HTTPStatus.INTERNAL_SERVER_ERROR, b"internal server error\n")
+
+    def _answer(self, ws: ServerConnection, request: Request) -> Response | None:
+        if len(request.path) > MAX_PATH_CHARS:
+            log.info("HTTP request from %s refused: a path of %d characters", _peer(ws), len(request.path))
+            return _response(http.HTTPStatus.REQUEST_URI_TOO_LONG, b"request path too long\n")
         parts = urlsplit(request.path)
-        if parts.path in (WS_PATH, realtime.REALTIME_PATH):
+        websocket = parts.path in (WS_PATH, realtime.REALTIME_PATH)
+        if request.method not in ALLOWED_METHODS or (request.method != "GET" and websocket):
+            allowed = "GET" if websocket else ", ".join(ALLOWED_METHODS)
+            response = _response(http.HTTPStatus.METHOD_NOT_ALLOWED, f"method not allowed; use {allowed}\n".encode())
+            response.headers["Allow"] = allowed
+            return response
+        if websocket:
             return self._check_handshake(ws, request, parts.query)
-        if parts.path == "/metrics":
+        response = self._page(parts.path)
+        if request.method == "HEAD":  # the GET's headers, Content-Length included, and no body
+            return Response(response.status_code, response.reason_phrase, response.headers, b"")
+        return response
+
+    def _page(self, path: str) -> Response:
+        """What a GET of ``path`` (not a websocket) answers."""
+        if path == "/metrics":
             body, content_type = self.telemetry.exposition()
             return _response(http.HTTPStatus.OK, body, content_type)
-        if parts.path == "/healthz":
+        if path == "/healthz":
             serving = self._ws is not None and self._ws.is_serving()
             engine = self.models.llm.health()
             body = {
@@ -544,7 +682,7 @@ class Server:
                 "engine": engine,
             }
             return _response(http.HTTPStatus.OK, json.dumps(body).encode(), "application/json")
-        return self._static(parts.path)
+        return self._static(path)
 
     def _check_handshake(self, ws: ServerConnection, request: Request, query: str) -> Response | None:
         if self.token is not None:
@@ -580,8 +718,12 @@ class Server:
             relative = "/index.html"
         segments = relative.lstrip("/").split("/")
         bad = "\x00" in relative or "\\" in relative or any(s in ("", ".", "..") or s.startswith(".") for s in segments)
-        target = None if bad else (self.web_dir.joinpath(*segments)).resolve()
-        if target is None or not target.is_relative_to(self.web_dir) or not target.is_file():
+        try:  # a name too long for the file system is just not there (no OSError traceback)
+            target = None if bad else (self.web_dir.joinpath(*segments)).resolve()
+            found = target is not None and target.is_relative_to(self.web_dir) and target.is_file()
+        except (OSError, ValueError):
+            found = False
+        if not found or target is None:
             if relative == "/index.html":
                 return _response(http.HTTPStatus.NOT_FOUND, b"the browser client is not installed (assistant/server/web)\n")
             return _response(http.HTTPStatus.NOT_FOUND, b"not found\n")
@@ -638,23 +780,34 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def serve(args: argparse.Namespace, config: Config) -> int:
-    """``voice-assistant serve``: load the models, serve until SIGTERM/SIGINT."""
-    from ..models import load_models
+    """``voice-assistant serve``: load the models, serve until SIGTERM/SIGINT.
+
+    The first signal shuts down gracefully; a second one hurries it (turns
+    cancelled, sessions still told). Whatever happens, the vLLM engine's
+    processes end with this one: a signal outside the event loop (model
+    loading, engine shutdown) stops them and exits at once.
+    """
+    from ..models import load_models, stop_child_processes
 
     host = args.host if args.host is not None else config.server.host
     port = args.port if args.port is not None else config.server.port
     sock = _listen(host, port)
+    _exit_on_signal()
     try:
         models = load_models(config)
     except BaseException:
         sock.close()
+        stop_child_processes()
         raise
     try:
         code = asyncio.run(_serve(args, config, models, host, sock))
     finally:
+        _exit_on_signal()  # asyncio.run put back the default handlers
         started = time.monotonic()
         models.close()
-        log.info("engine stopped in %.1f s", time.monotonic() - started)
+        stopped = stop_child_processes()
+        log.info("engine stopped in %.1f s%s", time.monotonic() - started,
+                 f" ({stopped} process(es) left over were stopped)" if stopped else "")
     # Sessions are closed and the engine is stopped: nothing is left to
     # save. Interpreter teardown of torch, CTranslate2 and vLLM's modules
     # took another 3.4 s, which a supervisor waiting on SIGTERM would see
@@ -662,6 +815,19 @@ def serve(args: argparse.Namespace, config: Config) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _exit_on_signal() -> None:
+    """Outside the event loop, SIGTERM/SIGINT stop the engine's processes and exit now (128 + signal)."""
+    from ..models import stop_child_processes
+
+    def handler(signum: int, _frame: Any) -> None:
+        print(f"signal {signum}: stopping the engine and exiting", file=sys.stderr, flush=True)
+        stop_child_processes(timeout=1.0)
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
 
 
 async def _serve(args: argparse.Namespace, config: Config, models: Any, host: str, sock: socket.socket) -> int:
@@ -678,9 +844,17 @@ async def _serve(args: argparse.Namespace, config: Config, models: Any, host: st
             "turns get an apology until it does (retrying in the background)")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     server = Server(models, config, host=host, token=args.token, sock=sock)
+
+    def on_signal() -> None:
+        if stop.is_set():  # the second one: no more grace, but the sessions are still told
+            if not server.hurried.is_set():
+                say("second signal: cancelling in-flight turns...")
+            server.hurry()
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # kept until the loop ends: a second signal must not kill
+        loop.add_signal_handler(sig, on_signal)
     await server.start()
     if not (server.web_dir / "index.html").is_file():
         say(f"note: no browser client in {server.web_dir}; the websocket endpoint works without it")
@@ -691,8 +865,6 @@ async def _serve(args: argparse.Namespace, config: Config, models: Any, host: st
         say(f"listening on all interfaces, port {server.port}")
     await stop.wait()
     say(f"shutting down ({server.sessions} session(s) open)...")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)
     await server.shutdown()
     say("stopped")
     return 0
