@@ -40,7 +40,8 @@ class TurnRecord:
     turn_id: int
     transcript: str = ""
     partials: list[str] = field(default_factory=list)
-    reply: str = ""
+    reply: str = ""  # as the model finished it; cut short: as written so far
+    written: list[str] = field(default_factory=list)  # the reply's tokens until LLMDone
     stamps: dict[str, float] = field(default_factory=dict)
     status: str = "open"
     cancel_reason: str | None = None
@@ -105,12 +106,14 @@ class TurnReport:
                     t.stamps.pop(name, None)
                 t.chunks.clear()
                 t.llm_tokens = 0
+                t.written.clear()
             case TranscriptFinal():
                 t.transcript = event.text
                 t.asr_final_reused = event.reused
                 t.asr_final_forced = event.forced
             case LLMToken():
                 t.llm_tokens += 1
+                t.written.append(event.text)
             case LLMDone():
                 t.reply = event.text
             case TextChunk():
@@ -124,6 +127,8 @@ class TurnReport:
             case TurnCancelled():
                 t.status = "interrupted" if t.interrupted else "cancelled"
                 t.cancel_reason = event.reason
+                if not t.reply:  # stopped while the model was still writing
+                    t.reply = "".join(t.written).strip()
                 self._closed(t)
             case StageError():
                 t.errors.append(f"{event.stage}: {event.message}")

@@ -195,4 +195,7 @@ def test_a_thinking_pause_after_an_unfinished_phrase_is_one_turn(models: Any, co
     assert len(turns) == 1, [t["transcript"] for t in turns]
     said = words(turns[0]["transcript"])
     assert "help" in said and "homework" in said, turns[0]["transcript"]
-    assert turns[0]["latency_ms"]["end_of_speech"] < config.vad.silence_ms  # the complete end was quick
+    # The end came by the complete-question rule, not the unfinished-phrase
+    # wait. (Not "under the plain hangover": on a loaded CPU the pause's
+    # decode may arrive late, and the turn then waits for its words.)
+    assert turns[0]["latency_ms"]["end_of_speech"] < config.vad.incomplete_silence_ms

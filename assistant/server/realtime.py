@@ -47,7 +47,7 @@ from pipeline import frames
 from pipeline.frames import Event, now
 
 from .protocol import ENDINGS, Ending, ErrorCode, Message, ProtocolError, SessionStart, encode, fatal
-from .server import Server, _Connection
+from .server import Server, _Connection, audio_bucket
 
 log = logging.getLogger("assistant.server")
 
@@ -897,7 +897,10 @@ class RealtimeConnection(_Connection):
                 if rt.config.turn_detection is not None:
                     _Connection._on_audio(self, pcm)  # the VAD hears it, as /ws audio
                     return
-                if not self._limit.take(len(pcm) / 2 / RATE, now()):
+                if self._audio_limit is None:  # the same input-rate check as /ws audio
+                    server = self.config.server
+                    self._audio_limit = audio_bucket(server.max_input_rate, server.max_message_bytes, RATE)
+                if not self._audio_limit.take(len(pcm) / 2 / RATE, now()):
                     from .protocol import input_too_fast
 
                     raise input_too_fast()
