@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import warnings
@@ -412,29 +411,15 @@ def mic(args: argparse.Namespace, config: Any) -> int:
 
 
 async def _mic(args: argparse.Namespace, config: Any, models: Any, in_dev: Any, out_dev: Any) -> int:
-    from .live import LiveAudio
+    from .live import LiveAudio, echo_canceller, stop_event
     from .session import Session
 
     await _warm_up(models)
-    canceller = None
-    if config.echo.cancel in ("auto", "on"):  # a loudspeaker and a microphone in one room
-        from audio.echo import EchoCanceller
-
-        canceller = EchoCanceller(
-            sample_rate=config.audio.input_rate,
-            frame_ms=config.audio.frame_ms,
-            tail_ms=config.echo.tail_ms,
-            delay_ms=config.echo.delay_ms,
-        )
+    canceller = echo_canceller(config)  # a loudspeaker and a microphone in one room
     live = LiveAudio(config, in_dev, out_dev, echo_canceller=canceller)
     session = Session(models, config, live.output, echo_canceller=canceller)
     session.report.listeners.append(_print_turn(session))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if args.max_seconds:
-        loop.call_later(args.max_seconds, stop.set)
+    stop = stop_event(args.max_seconds)
     with live:
         _say("listening (Ctrl+C to stop)...")
         await session.run(live.frames(stop))

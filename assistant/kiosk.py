@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -134,9 +133,7 @@ async def _kiosk(
     args: argparse.Namespace, config: Config, models: Any, detector: Any | None, in_dev: Any, out_dev: Any,
     notifier: Notifier,
 ) -> int:
-    from audio.echo import EchoCanceller
-
-    from .live import LiveAudio
+    from .live import LiveAudio, echo_canceller, stop_event
     from .session import Session
 
     k = config.kiosk
@@ -144,12 +141,7 @@ async def _kiosk(
     telemetry = Telemetry()
     telemetry.models_loaded.set(1)
     telemetry.watch_engine(models.llm.health)
-    canceller = None
-    if config.echo.cancel in ("auto", "on"):
-        canceller = EchoCanceller(
-            sample_rate=config.audio.input_rate, frame_ms=config.audio.frame_ms, tail_ms=config.echo.tail_ms,
-            delay_ms=config.echo.delay_ms,
-        )
+    canceller = echo_canceller(config)
     live = LiveAudio(config, in_dev, out_dev, echo_canceller=canceller)
     telemetry.audio_device_open.set_function(lambda: 1.0 if live.device_open else 0.0)
     session = Session(models, config, live.output, echo_canceller=canceller)
@@ -169,12 +161,7 @@ async def _kiosk(
         notifier.status(f"asleep: say {wake_phrase}")
 
     gate = WakeGate(detector, k.idle_s, busy, on_wake, on_sleep)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if args.max_seconds:
-        loop.call_later(args.max_seconds, stop.set)
+    stop = stop_event(args.max_seconds)
     http = None
     if k.metrics_port:
         http = await serve_http(k.metrics_host, k.metrics_port, _routes(telemetry, models, live))

@@ -34,6 +34,34 @@ STALL_S = 2.0  # no microphone frame for this long: the device is lost
 _BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 
 
+def echo_canceller(config: Config) -> Any:
+    """The canceller a loudspeaker and a microphone in one room need
+    (``echo.cancel`` auto or on), or None."""
+    if config.echo.cancel not in ("auto", "on"):
+        return None
+    from audio.echo import EchoCanceller
+
+    return EchoCanceller(
+        sample_rate=config.audio.input_rate,
+        frame_ms=config.audio.frame_ms,
+        tail_ms=config.echo.tail_ms,
+        delay_ms=config.echo.delay_ms,
+    )
+
+
+def stop_event(max_seconds: float | None) -> asyncio.Event:
+    """Set on SIGINT/SIGTERM, or after ``max_seconds``: when a live run ends."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if max_seconds:
+        loop.call_later(max_seconds, stop.set)
+    return stop
+
+
 class SpeakerOutput:
     """:class:`pipeline.playback.AudioOutput` over a live :class:`Speaker`."""
 
