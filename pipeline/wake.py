@@ -19,7 +19,10 @@ One spoken wake phrase keeps the mean above the cut-off for several
 invocations, so a detection is followed by a refractory period counted in
 *audio* time (not wall time: the result does not depend on how fast the
 audio is fed or how it is cut into frames) and the detector re-arms only
-after the probability has fallen back to the cut-off or below.
+after the probability has fallen to half the cut-off. Half, not the cut-off
+itself: during one phrase the window mean can hover around the cut-off (it
+dipped to 0.85 and rose again on one CI machine), which must not count as a
+second phrase.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ class WakeWordDetector:
             self.manifest_threshold if settings.threshold is None else float(settings.threshold)
         )
         self._refractory_frames = round(settings.refractory_s * 100)  # 10 ms frames
+        self._rearm_below = self.threshold / 2  # hysteresis: see the module docstring
         self.detections = 0
         self.last_probability = 0.0
         self.peak_probability = 0.0
@@ -118,7 +122,8 @@ class WakeWordDetector:
             self.last_probability = prob
             self.peak_probability = max(self.peak_probability, prob)
             if prob <= self.threshold:
-                self._armed = True
+                if prob <= self._rearm_below:
+                    self._armed = True
                 continue
             quiet = (
                 self._last_detection is None

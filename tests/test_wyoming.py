@@ -126,13 +126,16 @@ def test_committed_questions_transcribed_in_any_format(models: Any, config: Conf
 
 
 def test_synthesized_audio_says_the_text_plain_and_streamed(models: Any, config: Config, run: Any) -> None:
-    text = "The boiling point of water is one hundred degrees Celsius at sea level."
+    # Plain words only: Whisper writes spoken numbers as digits and drops rare
+    # words ("Celsius" came back as "c" on one CI machine), which is not what
+    # this test is about.
+    text = "The library opens early in the morning and closes late in the evening."
 
     async def body(client: AsyncTcpClient, server: WyomingServer) -> tuple[list[Event], list[Event]]:
         await client.write_event(Synthesize(text=text).event())
         plain = await read_until(client, "audio-stop")
         await client.write_event(SynthesizeStart().event())
-        for piece in ("The boiling point of wa", "ter is one hundred degrees", " Celsius at sea level."):
+        for piece in ("The library opens ear", "ly in the morning and closes", " late in the evening."):
             await client.write_event(SynthesizeChunk(text=piece).event())
         await client.write_event(Synthesize(text=text).event())  # the legacy copy: ignored in a stream
         await client.write_event(SynthesizeStop().event())
