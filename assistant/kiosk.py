@@ -134,7 +134,7 @@ async def _kiosk(
     notifier: Notifier,
 ) -> int:
     from .live import LiveAudio, echo_canceller, stop_event
-    from .session import Session
+    from .session import LIVE_TURNS_KEPT, Session
 
     k = config.kiosk
     await models.warm_up()
@@ -144,7 +144,7 @@ async def _kiosk(
     canceller = echo_canceller(config)
     live = LiveAudio(config, in_dev, out_dev, echo_canceller=canceller)
     telemetry.audio_device_open.set_function(lambda: 1.0 if live.device_open else 0.0)
-    session = Session(models, config, live.output, echo_canceller=canceller)
+    session = Session(models, config, live.output, echo_canceller=canceller, keep_turns=LIVE_TURNS_KEPT)
     ended = telemetry.observe(session)
     rate = config.audio.output_rate
     wake_phrase = spoken(k.wake_word)
@@ -186,7 +186,7 @@ async def _kiosk(
         if http is not None:
             http.close()
         live.__exit__(None, None, None)
-    print(f"stopped: {gate.wakes} wake(s), {len(session.report.to_json())} turn(s), "
+    print(f"stopped: {gate.wakes} wake(s), {session.report.closed} turn(s), "
           f"{live.recoveries} device recover(ies)", file=sys.stderr, flush=True)
     return 0
 

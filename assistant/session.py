@@ -116,6 +116,10 @@ def components_of(models: Models, config: Config) -> Components:
     )
 
 
+LIVE_TURNS_KEPT = 100
+"""Closed turns a long-lived session's report holds (a kiosk runs for weeks)."""
+
+
 class Session:
     """One conversation through the full pipeline, over the shared models."""
 
@@ -127,7 +131,10 @@ class Session:
         session_id: str | None = None,
         realtime: bool = True,
         echo_canceller: EchoCanceller | None = None,
+        keep_turns: int | None = None,
     ) -> None:
+        """``keep_turns``: how many closed turns the report holds (None: all,
+        for a file's report; live runs bound it, see TurnReport)."""
         self.id = session_id or f"s{next(_session_ids)}"
         # False for input fed faster than real time: its clock is
         # compressed, so budgets are still measured and reported but their
@@ -144,7 +151,7 @@ class Session:
         settings = pipeline_settings(config, realtime, with_silero=models.silero is not None)
         self.pipeline = build_pipeline(components_of(models, config), settings, output, self.id)
         self.origin = now()
-        self.report = TurnReport(self.bus, self.origin, config.audio.output_rate, self.watchdog)
+        self.report = TurnReport(self.bus, self.origin, config.audio.output_rate, self.watchdog, keep=keep_turns)
 
     @property
     def ctx(self) -> PipelineContext:

@@ -8,6 +8,7 @@ milestones and span latencies; the names and spans are those of
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,13 +65,27 @@ class TurnRecord:
 
 
 class TurnReport:
-    """Collects each turn's transcript, reply and milestone stamps from the bus."""
+    """Collects each turn's transcript, reply and milestone stamps from the bus.
 
-    def __init__(self, bus: EventBus, origin: float, output_rate: int, watchdog: Watchdog | None = None) -> None:
+    ``keep`` bounds what a long-lived session holds (a kiosk runs for weeks,
+    a browser tab for hours): past ``keep`` closed turns the oldest are
+    forgotten, here and in the watchdog's results, once their listeners have
+    seen them. ``closed`` counts every turn closed, forgotten or not.
+    """
+
+    def __init__(
+        self, bus: EventBus, origin: float, output_rate: int, watchdog: Watchdog | None = None,
+        keep: int | None = None,
+    ) -> None:
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be >= 1 or None, got {keep}")
         self.origin = origin
         self.output_rate = output_rate
         self.watchdog = watchdog
+        self.keep = keep
+        self.closed = 0
         self.turns: dict[int, TurnRecord] = {}
+        self._closed_ids: deque[int] = deque()
         self.listeners: list[Callable[[TurnRecord], None]] = []
         bus.subscribe(self.observe)
 
@@ -146,8 +161,17 @@ class TurnReport:
                 pass
 
     def _closed(self, t: TurnRecord) -> None:
+        self.closed += 1
         for listener in self.listeners:
             listener(t)
+        if self.keep is None:
+            return
+        self._closed_ids.append(t.turn_id)
+        while len(self._closed_ids) > self.keep:
+            old = self._closed_ids.popleft()
+            self.turns.pop(old, None)
+            if self.watchdog is not None:
+                self.watchdog.results.pop(old, None)
 
     def to_json(self, include_dropped: bool = False) -> list[dict[str, Any]]:
         out = []

@@ -186,6 +186,24 @@ def test_the_report_reads_the_table() -> None:
     assert turn["reply_audio_seconds"] == 1.0 and turn["status"] == "completed"
 
 
+def test_a_long_lived_report_keeps_only_its_last_turns() -> None:
+    """A kiosk closes thousands of turns: the report (and the watchdog's
+    results) hold the last ``keep``, every listener still sees every turn."""
+    bus = EventBus()
+    watchdog = Watchdog(bus, [])
+    report = TurnReport(bus, origin=0.0, output_rate=22050, watchdog=watchdog, keep=2)
+    seen: list[int] = []
+    report.listeners.append(lambda record: seen.append(record.turn_id))
+    for turn in range(1, 6):
+        for event in _one_of_each(turn):
+            bus.publish(event)
+    assert seen == [1, 2, 3, 4, 5] and report.closed == 5
+    assert sorted(report.turns) == [4, 5] and [t["turn"] for t in report.to_json()] == [4, 5]
+    assert set(watchdog.results) <= {4, 5} and watchdog.results
+    with pytest.raises(ValueError):
+        TurnReport(bus, origin=0.0, output_rate=22050, keep=0)
+
+
 def test_the_plot_draws_spans_and_milestones_of_the_table() -> None:
     assert set(plot._STYLE) <= set(SPAN)
     assert {k for k in plot._MARKERS if k != "asr_partial"} <= set(NAMES)

@@ -214,13 +214,13 @@ class _Connection:
             return
         self._start = start
         config = self.config
-        from ..session import Session
+        from ..session import LIVE_TURNS_KEPT, Session
 
         self.output = WebSocketOutput(
             self.ws, self.wire, config.audio.output_rate, start.output_rate, config.server.jitter_buffer_ms / 1000,
             self.wire.origin,
         )
-        session = self.session = Session(self.server.models, config, self.output)
+        session = self.session = Session(self.server.models, config, self.output, keep_turns=LIVE_TURNS_KEPT)
         self.wire.origin = self.output.origin = session.origin
         self._resampler = Resampler(start.input_rate, config.audio.input_rate)
         session.bus.subscribe(self._on_event)
@@ -326,7 +326,7 @@ class _Connection:
                 with contextlib.suppress(BaseException):
                     await pipeline
         await self._close_with(ending, sender)
-        turns = len(self.session.report.turns) if self.session is not None else 0
+        turns = self.session.report.closed if self.session is not None else 0
         log.info("session %s closed (%s) after %d turn(s)", self.id, reason, turns)
 
     async def _close_with(self, ending: Ending, sender: asyncio.Task[None] | None = None) -> None:
