@@ -139,6 +139,7 @@ async def _kiosk(
     k = config.kiosk
     await models.warm_up()
     telemetry = Telemetry()
+    telemetry.watch_loop(asyncio.get_running_loop())
     telemetry.models_loaded.set(1)
     telemetry.watch_engine(models.llm.health)
     canceller = echo_canceller(config)

@@ -22,7 +22,13 @@ voice_assistant_sessions                        gauge      open sessions
 voice_assistant_engine_up                       gauge      1 while the language model answers
 voice_assistant_models_loaded                   gauge      1 once every model is loaded
 voice_assistant_audio_device_open               gauge      1 while the microphone delivers (kiosk)
+voice_assistant_asyncio_tasks                   gauge      tasks alive on the event loop
+voice_assistant_threads                         gauge      OS threads of the process
+process_resident_memory_bytes, process_open_fds  gauge      prometheus-client's process collector
 =============================================  =========  ======================================
+
+The last three are what a leak shows first over weeks (scripts/soak.py
+reads them each minute).
 
 p95 voice to voice over the last 5 minutes, in PromQL::
 
@@ -33,10 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline.frames import BudgetExceeded, Event, ReplyInterrupted, StageError
@@ -45,6 +52,19 @@ log = logging.getLogger("assistant.telemetry")
 
 # Voice-to-voice and stage spans: 50 ms .. 10 s.
 _BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+def os_threads() -> float:
+    """Threads of this process as the kernel counts them (native ones too:
+    onnxruntime, CTranslate2, PortAudio); Python's count where there is no /proc."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Threads:"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return float(threading.active_count())
 
 
 class Telemetry:
@@ -82,6 +102,10 @@ class Telemetry:
         self.audio_device_open = Gauge(
             "voice_assistant_audio_device_open", "1 while the microphone delivers frames.", registry=r
         )
+        self.asyncio_tasks = Gauge("voice_assistant_asyncio_tasks", "Tasks alive on the event loop.", registry=r)
+        self.threads = Gauge("voice_assistant_threads", "OS threads of the process.", registry=r)
+        self.threads.set_function(os_threads)
+        ProcessCollector(registry=r)
         self._engine_state: Callable[[], str] | None = None
 
     # ---- feeding --------------------------------------------------------
@@ -89,6 +113,10 @@ class Telemetry:
     def watch_engine(self, health: Callable[[], dict[str, Any]]) -> None:
         """Read the engine's state at each scrape (``models.llm.health``)."""
         self.engine_up.set_function(lambda: 1.0 if health().get("state") == "up" else 0.0)
+
+    def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Count the loop's live tasks at each scrape (scrapes run on that loop)."""
+        self.asyncio_tasks.set_function(lambda: float(len(asyncio.all_tasks(loop))))
 
     def observe(self, session: Any) -> Callable[[], None]:
         """Count a session's turns and events; returns what to call when it ends."""

@@ -123,4 +123,9 @@ def test_metrics_hold_a_spoken_turn(models: Any, config: Any, run: Any) -> None:
     assert s[("voice_assistant_stage_latency_seconds_count", frozenset({("stage", "asr_final")}))] >= 1
     assert s[("voice_assistant_engine_up", frozenset())] == 1
     assert s[("voice_assistant_models_loaded", frozenset())] == 1
+    # What a leak shows first: the session's tasks are alive during, gone after.
+    tasks_during = s[("voice_assistant_asyncio_tasks", frozenset())]
+    assert tasks_during > _samples(after)[("voice_assistant_asyncio_tasks", frozenset())] >= 1
+    assert s[("voice_assistant_threads", frozenset())] >= 2
+    assert s[("process_open_fds", frozenset())] > 0 and s[("process_resident_memory_bytes", frozenset())] > 0
     assert _samples(after)[("voice_assistant_sessions", frozenset())] == 0

@@ -561,6 +561,7 @@ class Server:
 
     async def start(self) -> None:
         s = self.config.server
+        self.telemetry.watch_loop(asyncio.get_running_loop())
         where: dict[str, Any] = {"sock": self._sock} if self._sock is not None else {"host": self.host, "port": self.port}
         self._ws = await ws_serve(
             self._handle,
