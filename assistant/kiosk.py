@@ -162,10 +162,11 @@ async def _kiosk(
         notifier.status(f"asleep: say {wake_phrase}")
 
     gate = WakeGate(detector, k.idle_s, busy, on_wake, on_sleep)
+    session.report.listeners.append(_log_turn(session))
     stop = stop_event(args.max_seconds)
     http = None
     if k.metrics_port:
-        http = await serve_http(k.metrics_host, k.metrics_port, _routes(telemetry, models, live))
+        http = await serve_http(k.metrics_host, k.metrics_port, _routes(telemetry, models, live, gate))
     tasks: list[asyncio.Task[Any]] = []
     live.open_or_recover()
     try:
@@ -192,7 +193,25 @@ async def _kiosk(
     return 0
 
 
-def _routes(telemetry: Telemetry, models: Any, live: Any) -> dict[str, Callable[[], tuple[int, bytes, str]]]:
+def _log_turn(session: Any) -> Callable[[Any], None]:
+    """One log line per closed turn (journald keeps it; scripts/soak.py reads it)."""
+
+    def log_turn(record: Any) -> None:
+        if record.status == "cancelled" and not record.transcript:
+            return  # noise that opened a turn and held no words
+        data = session.report.turn_json(record)
+        v2v = data["voice_to_voice_ms"]
+        log.info(
+            "turn %d %s: voice-to-voice %s; heard %r; said %r", record.turn_id, record.status,
+            "-" if v2v is None else f"{v2v:.0f} ms", data["transcript"], data["reply"],
+        )
+
+    return log_turn
+
+
+def _routes(
+    telemetry: Telemetry, models: Any, live: Any, gate: WakeGate
+) -> dict[str, Callable[[], tuple[int, bytes, str]]]:
     def metrics() -> tuple[int, bytes, str]:
         body, ctype = telemetry.exposition()
         return 200, body, ctype
@@ -200,7 +219,8 @@ def _routes(telemetry: Telemetry, models: Any, live: Any) -> dict[str, Callable[
     def healthz() -> tuple[int, bytes, str]:
         engine = models.llm.health()
         ready = engine["state"] == "up" and live.device_open
-        body = {"status": "ok", "ready": ready, "engine": engine, "audio_device_open": live.device_open,
+        body = {"status": "ok", "ready": ready, "awake": gate.awake, "engine": engine,
+                "audio_device_open": live.device_open,
                 "device_recoveries": live.recoveries, "time": time.time()}
         return 200, json.dumps(body).encode(), "application/json"
 
