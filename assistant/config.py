@@ -39,6 +39,14 @@ class SileroConfig:
 
 
 @dataclass
+class SmartTurnConfig:
+    enabled: bool
+    threshold: float
+    complete_silence_ms: int
+    threads: int
+
+
+@dataclass
 class VADConfig:
     aggressiveness: int
     min_speech_ms: int
@@ -49,6 +57,7 @@ class VADConfig:
     preroll_ms: int
     max_utterance_s: float
     silero: SileroConfig
+    smart_turn: SmartTurnConfig
 
 
 @dataclass
@@ -91,6 +100,7 @@ class LLMConfig:
     enforce_eager: bool
     cpu_threads: int
     nice: int
+    preload: Literal["auto", "none"]
     max_tokens: int
     min_tokens: int
     temperature: float
@@ -220,6 +230,9 @@ _CHECKS: dict[str, tuple[Any, Any]] = {
     "vad.pause_ms": (0, 10000),
     "vad.preroll_ms": (0, 2000),
     "vad.silero.threshold": (0.0, 1.0),
+    "vad.smart_turn.threshold": (0.0, 1.0),
+    "vad.smart_turn.complete_silence_ms": (50, 10000),
+    "vad.smart_turn.threads": (1, 64),
     "asr.threads": (1, 64),
     "asr.partial_interval_ms": (100, 10000),
     "asr.beam_size": (1, 10),

@@ -80,6 +80,29 @@ def piper_voice_files(setting: str = "bundled") -> tuple[Path, Path]:
     return model, config
 
 
+SMART_TURN_INSTALL = "pip install --no-deps pipecat-ai==1.14.0"
+
+
+def smart_turn_files() -> tuple[Path, Path]:
+    """Smart Turn v3.2 in the pipecat-ai wheel: (the .onnx model, its features module).
+
+    Only the files are read (pipeline/turns/semantic.py); the package itself is
+    never imported, so none of its dependencies are needed.
+    """
+    root = _package_dir("pipecat", "pipecat-ai", SMART_TURN_INSTALL) / "audio" / "turn" / "smart_turn"
+    files = (root / "data" / "smart-turn-v3.2-cpu.onnx", root / "_whisper_features.py")
+    for path in files:
+        if not path.is_file():
+            raise ModelError(f"Smart Turn file missing: {path} (reinstall: {SMART_TURN_INSTALL})")
+    return files
+
+
+def load_smart_turn(config: Config) -> Any:
+    from pipeline.turns.semantic import SmartTurn
+
+    return SmartTurn(*smart_turn_files(), threads=config.vad.smart_turn.threads)
+
+
 def require_module(module: str, install: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ModelError(f"the {module} module is not installed: {install}")
@@ -125,9 +148,12 @@ class Models:
     piper: Any
     llm: Any  # assistant.engine: VLLMModel (local) or RemoteModel
     silero: Any | None
+    smart_turn: Any | None = None  # pipeline.turns.semantic.SmartTurn (vad.smart_turn.enabled)
     phrases: dict[str, Any] = field(default_factory=dict)
     asr_executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "asr"))
     tts_executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tts"))
+    # Its own thread: the end-of-turn score runs beside the pause's decode.
+    turn_executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "turn"))
 
     def phrase(self, text: str, rate: int) -> Any:
         """A short phrase synthesized once per process (acknowledgement, apology)."""
@@ -159,6 +185,8 @@ class Models:
             self.asr_executor, lambda: list(self.whisper.transcribe(silence, language="en", beam_size=1)[0])
         )
         piper = loop.run_in_executor(self.tts_executor, lambda: list(self.piper.synthesize("Hello.")))
+        if self.smart_turn is not None:
+            await loop.run_in_executor(self.turn_executor, self.smart_turn, silence)
         await self.llm.connect()  # a remote engine: find its model (or note it is down)
         if self.llm.health()["state"] == "up":
             messages = [{"role": "system", "content": self.config.llm.system_prompt}, {"role": "user", "content": "Hi"}]
@@ -182,6 +210,7 @@ class Models:
 
         self.asr_executor.shutdown(wait=False, cancel_futures=True)
         self.tts_executor.shutdown(wait=False, cancel_futures=True)
+        self.turn_executor.shutdown(wait=False, cancel_futures=True)
         engine = getattr(self.llm, "engine", None)  # the local engine (a remote one is the server's)
         if engine is not None:
             try:
@@ -212,6 +241,8 @@ def load_models(config: Config, progress: Progress = print_progress) -> Models:
     # Check every package before the slow part, so a missing one fails fast.
     whisper_dir(config.asr.model)
     piper_voice_files(config.tts.voice)
+    if config.vad.smart_turn.enabled:
+        smart_turn_files()
     weights = None
     if config.llm.engine == "local":
         from .engine.local import llm_weights_dir
@@ -221,6 +252,8 @@ def load_models(config: Config, progress: Progress = print_progress) -> Models:
     whisper = step("speech recognition (Whisper tiny.en, int8)", lambda: load_whisper(config))
     piper = step("speech synthesis (piper en_US-joe-medium)", lambda: load_piper(config))
     silero = step("Silero VAD", SileroOpinion) if config.vad.silero.enabled else None
+    smart_turn = step("end-of-turn model (Smart Turn v3.2)", lambda: load_smart_turn(config)) \
+        if config.vad.smart_turn.enabled else None
     if weights is not None:
         from .engine.local import load_local
 
@@ -229,7 +262,7 @@ def load_models(config: Config, progress: Progress = print_progress) -> Models:
         from .engine import load_language_model
 
         llm = load_language_model(config, progress)
-    return Models(config=config, whisper=whisper, piper=piper, llm=llm, silero=silero)
+    return Models(config=config, whisper=whisper, piper=piper, llm=llm, silero=silero, smart_turn=smart_turn)
 
 
 def stop_child_processes(timeout: float = 2.0) -> int:

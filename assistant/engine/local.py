@@ -108,6 +108,32 @@ def configure_vllm_env(config: Config) -> None:
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     if config.llm.cpu_threads > 0:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{config.llm.cpu_threads - 1}")
+    if config.llm.preload == "auto" and not has_gpu():
+        libs = preload_libraries()
+        if libs:
+            # Read when the engine core's process is started (vLLM spawns it),
+            # not by this process, which has already loaded its libraries.
+            current = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
+            os.environ["LD_PRELOAD"] = ":".join([*[lib for lib in libs if lib not in current], *current])
+
+
+def preload_libraries() -> list[str]:
+    """tcmalloc and Intel OpenMP for the CPU engine, when both are installed
+    (llm.preload); an empty list otherwise (one without the other is not
+    what vLLM's CPU guide measured)."""
+    import ctypes.util
+    import sys
+
+    tcmalloc = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    if tcmalloc and not os.path.isabs(tcmalloc):
+        for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"):
+            if os.path.exists(os.path.join(folder, tcmalloc)):
+                tcmalloc = os.path.join(folder, tcmalloc)
+                break
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    if not tcmalloc or not os.path.isabs(tcmalloc) or not iomp.is_file():
+        return []
+    return [tcmalloc, str(iomp)]
 
 
 def renice_children(niceness: int) -> int:

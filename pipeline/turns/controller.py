@@ -12,6 +12,8 @@ speech started              the user holds the floor; over a playing reply:
                             the history, cancel the turn)
 transcript at a pause       endpointing: ``vad.require_silence``; an early
                             reply (``llm`` gets a :class:`ReplyRequest`)
+end of turn scored          (the semantic model, where enabled) endpointing
+                            again, with its opinion beside the words
 speech resumed              the early reply is thrown away
 transcript final            hold/supersede older replies; the reply request
                             (or the early one is confirmed / replaced)
@@ -58,6 +60,7 @@ from ..frames import (
     TranscriptPartial,
     TurnCancelled,
     TurnCompleted,
+    TurnEndScored,
     now,
 )
 from ..runtime import PipelineContext
@@ -129,6 +132,8 @@ class TurnController:
         self.superseded = 0
         self._paused: set[int] = set()  # turns in a pause (not yet resumed or stopped)
         self._early: dict[int, str] = {}  # turns whose reply started at the pause: its text
+        self._pause_words: dict[int, str] = {}  # what a decode heard up to the pause in progress
+        self._pause_scores: dict[int, float] = {}  # the semantic model's P(complete) at that pause
         self._replying: set[int] = set()  # turns whose reply is being prepared or played
         self._tokens: dict[int, list[str]] = {}  # the reply written so far
         self._written: set[int] = set()  # turns whose reply the model finished
@@ -164,6 +169,8 @@ class TurnController:
                 self._await_the_words(turn_id)
             case SpeechResumed():
                 self._paused.discard(turn_id)
+                self._pause_words.pop(turn_id, None)
+                self._pause_scores.pop(turn_id, None)
                 if self._early.pop(turn_id, None) is not None:
                     self._drop_reply(turn_id, "the user went on speaking")
             case SpeechStopped():
@@ -172,6 +179,8 @@ class TurnController:
                 self.floor.changed()
             case TranscriptPartial() if event.covers_pause and turn_id in self._paused:
                 self._at_pause(turn_id, event.text)
+            case TurnEndScored() if turn_id in self._paused:
+                self._scored(turn_id, event.probability)
             case TranscriptEmpty():
                 self.ctx.turns.cancel(turn_id, "no words recognized")
             case TranscriptFinal() if not event.speculative:
@@ -235,7 +244,8 @@ class TurnController:
         """The user paused and a decode heard all they said: endpointing,
         and perhaps the reply right away, during the silence hangover."""
         rule = self.settings.endpoint
-        silence = rule.silence_ms(text)
+        self._pause_words[turn_id] = text
+        silence = rule.silence_ms(text, self._pause_scores.get(turn_id))
         vad = self.stages.vad
         if vad is not None:
             vad.require_silence(turn_id, silence)  # None: the VAD's own hangover
@@ -248,6 +258,15 @@ class TurnController:
             self._early[turn_id] = text
             self.ctx.bus.publish(TranscriptFinal(turn_id=turn_id, text=text, reused=True, speculative=True))
             self._request_reply(turn_id, text)
+
+    def _scored(self, turn_id: int, probability: float) -> None:
+        """The semantic model's opinion of this pause: it may shorten the wait
+        the words set (EndpointRule.silence_ms); before the words, it waits for them."""
+        self._pause_scores[turn_id] = probability
+        text = self._pause_words.get(turn_id)
+        vad = self.stages.vad
+        if text is not None and vad is not None:
+            vad.require_silence(turn_id, self.settings.endpoint.silence_ms(text, probability))
 
     def _final(self, turn_id: int, event: TranscriptFinal) -> None:
         self._replying.add(turn_id)
@@ -391,6 +410,8 @@ class TurnController:
             state.discard(turn_id)
         self._early.pop(turn_id, None)
         self._tokens.pop(turn_id, None)
+        self._pause_words.pop(turn_id, None)
+        self._pause_scores.pop(turn_id, None)
         self._tell_vad()
 
     def _tell_vad(self) -> None:

@@ -1,8 +1,9 @@
 """Endpointing: how much silence ends a turn, from the words heard so far.
 
 The VAD only measures silence; this rule says how much of it is enough. The
-turn controller applies it to the transcript decoded at a pause and tells
-the VAD the result (:meth:`pipeline.vad.VADStage.require_silence`).
+turn controller applies it to the transcript decoded at a pause (and, where
+enabled, the semantic model's score of the voice, pipeline/turns/semantic.py)
+and tells the VAD the result (:meth:`pipeline.vad.VADStage.require_silence`).
 """
 
 from __future__ import annotations
@@ -34,10 +35,18 @@ class EndpointRule:
     to go to ...": a trailing article, preposition or conjunction, a comma or
     dash, or an auxiliary such as *is* outside a question) waits
     ``incomplete_ms``; anything else waits the VAD's own ``silence_ms``.
+
+    The semantic model's score (``semantic_ms`` set) is a second opinion that
+    can only shorten a wait, never lengthen one: it has scored plainly
+    complete questions "unfinished", and the words' "unfinished" stands
+    whatever it says. Where both say complete, ``semantic_ms`` ends the turn;
+    where the words cannot tell and it says complete, ``complete_ms`` does.
     """
 
     complete_ms: int = 300
     incomplete_ms: int = 1000
+    semantic_ms: int | None = None  # None: no semantic opinion is asked
+    semantic_threshold: float = 0.5
 
     def classify(self, text: str) -> Literal["complete", "unfinished"] | None:
         """Whether the words so far read as a finished turn (None: can't tell)."""
@@ -57,9 +66,14 @@ class EndpointRule:
             return "complete"
         return None
 
-    def silence_ms(self, text: str) -> int | None:
-        """The silence that ends the turn after ``text`` (None: the VAD's own)."""
+    def silence_ms(self, text: str, score: float | None = None) -> int | None:
+        """The silence that ends the turn after ``text`` (None: the VAD's own),
+        given the semantic model's P(complete) where there is one."""
         kind = self.classify(text)
-        if kind is None:
-            return None
-        return self.complete_ms if kind == "complete" else self.incomplete_ms
+        if kind == "unfinished":
+            return self.incomplete_ms
+        semantic = self.semantic_ms
+        agrees = semantic is not None and score is not None and score >= self.semantic_threshold
+        if kind == "complete":
+            return min(self.complete_ms, semantic) if agrees and semantic is not None else self.complete_ms
+        return self.complete_ms if agrees else None
