@@ -54,6 +54,31 @@ log = logging.getLogger("assistant.telemetry")
 _BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
+# ---- reading a scrape (vLLM's /metrics, ours) -----------------------------
+
+Sample = tuple[str, dict[str, str], float]
+
+
+def parse(text: str) -> list[Sample]:
+    """A Prometheus exposition as ``(name, labels, value)`` per sample."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(s.name, dict(s.labels), float(s.value)) for f in text_string_to_metric_families(text) for s in f.samples]
+
+
+def scrape(url: str, api_key: str | None = None, timeout_s: float = 5.0) -> list[Sample]:
+    """Read a Prometheus endpoint (``api_key``: vLLM's bearer token)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return parse(httpx.get(url, headers=headers, timeout=timeout_s).raise_for_status().text)
+
+
+def total(samples: list[Sample], name: str, **labels: str) -> float:
+    """The sum of a series over the samples whose labels match ``labels``."""
+    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
+
+
 def os_threads() -> float:
     """Threads of this process as the kernel counts them (native ones too:
     onnxruntime, CTranslate2, PortAudio); Python's count where there is no /proc."""

@@ -72,7 +72,7 @@ async def bench(urls: list[str], token: str | None, sessions: int, questions: li
 
 def engine_figures(before: list[Any], after: list[Any]) -> dict[str, float | None]:
     """The engine's own figures over the run, from two /metrics scrapes."""
-    from assistant.engine.remote import total
+    from assistant.telemetry import total
 
     def delta(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
@@ -134,7 +134,7 @@ def main() -> int:
     questions = [read_wav(f)[0] for f in files]
     scrape = None
     if args.engine_url:
-        from assistant.engine.remote import scrape as scrape_url
+        from assistant.telemetry import scrape as scrape_url
 
         root = args.engine_url.rstrip("/").removesuffix("/v1")
 

@@ -32,7 +32,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,12 +45,14 @@ from typing import Any
 import httpx
 import numpy as np
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
+
+from assistant.telemetry import parse, total  # noqa: E402
+from helpers import free_port  # noqa: E402
 
 QUESTIONS = ROOT / "audio_assets" / "questions"
 TURN_LINE = re.compile(r"turn (\d+) (completed|interrupted|cancelled): voice-to-voice (\d+|-)")
@@ -89,18 +90,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return total(parse(text), name, **labels)
 
 
 class Kiosk:

@@ -25,6 +25,15 @@ def cli_flags() -> list[str]:
     return [flag for override in TEST_OVERRIDES for flag in ("--set", override)]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on (for a server the test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def question_files() -> list[Path]:
     return sorted((ASSETS / "questions").glob("*.wav"))
 

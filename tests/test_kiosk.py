@@ -20,13 +20,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from assistant.kiosk import WakeGate
+from assistant.telemetry import parse, total
 from assistant.session import Session
 from audio.files import write_wav
 from audio.frame import AudioFrame
-from helpers import ASSETS, ROOT, cli_flags, expected_text, load_pcm, word_error_rate
+from helpers import ASSETS, ROOT, cli_flags, expected_text, free_port, load_pcm, word_error_rate
 from pipeline.playback import TimelineOutput
 from pipeline.wake import WakeWordDetector, WakeWordSettings
 
@@ -138,19 +138,8 @@ def test_sleep_wake_converse_and_sleep_again(models: Any, config: Any, run: Any)
     assert turns[0]["milestones_ms"]["speech_start"] / 1000 > wake_at
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _metric(text: str, name: str, **labels: str) -> float:
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
+    return total(parse(text), name, **labels)
 
 
 @pytest.mark.slow
@@ -161,7 +150,7 @@ def test_the_kiosk_under_a_notify_socket_wakes_and_answers(tmp_path: Path, model
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
     notify.settimeout(0.2)
-    port = _free_port()
+    port = free_port()
     speech = tmp_path / "wake_and_question.wav"
     write_wav(speech, np.concatenate([speak_piper(models.piper, "Okay Nabu."), silence(0.8), load_pcm(QUESTION)]),
               RATE)
@@ -220,7 +209,7 @@ def test_the_kiosk_survives_its_microphone_unplugged_and_answers_after(tmp_path:
     from virtual_audio import VirtualAudio, skip_if_unavailable
 
     skip_if_unavailable()
-    port = _free_port()
+    port = free_port()
     health_url = f"http://127.0.0.1:{port}/healthz"
 
     def healthz() -> dict[str, Any]:

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,10 +27,11 @@ import psutil
 import pytest
 
 from assistant.config import load_config
-from assistant.engine.remote import RemoteModel, RemoteSettings, total
+from assistant.engine.remote import RemoteModel, RemoteSettings
+from assistant.telemetry import total
 from assistant.session import Session
 from audio.framing import file_source
-from helpers import ASSETS, ROOT, expected_text, load_pcm, word_error_rate
+from helpers import ASSETS, ROOT, expected_text, free_port, load_pcm, word_error_rate
 from pipeline.frames import LLMDone, StageError
 from pipeline.playback import TimelineOutput
 
@@ -39,12 +39,6 @@ pytestmark = pytest.mark.slow
 
 CLI = [sys.executable, "-m", "assistant"]
 QUESTION = ASSETS / "questions" / "capital_of_france.wav"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _started(command: list[str], log: Path, pattern: str, timeout_s: float) -> tuple[subprocess.Popen[str], str]:
@@ -65,7 +59,7 @@ def _started(command: list[str], log: Path, pattern: str, timeout_s: float) -> t
 def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`voice-assistant engine` on a free port, until the module ends."""
     log = tmp_path_factory.mktemp("engine") / "engine.log"
-    command = [*CLI, "engine", "--port", str(_free_port()), "--ready-timeout", "400"]
+    command = [*CLI, "engine", "--port", str(free_port()), "--ready-timeout", "400"]
     proc, url = _started(command, log, r"engine ready in \d+ s at (http://\S+/v1)", 420)
     try:
         yield url
@@ -84,7 +78,7 @@ class Relay:
     def __init__(self, target: str) -> None:
         host, port = target.split("//")[1].split("/")[0].split(":")
         self.target = (host, int(port))
-        self.port = _free_port()
+        self.port = free_port()
         self.heads: list[str] = []
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
@@ -245,7 +239,7 @@ def test_an_engine_that_goes_away_gets_an_apology_and_comes_back(models: Any, re
 def test_serve_with_a_remote_engine_answers_without_loading_vllm(engine_url: str, tmp_path: Path) -> None:
     """The real `serve` and `client` commands: the voice server starts in
     seconds (no vLLM in it) and a spoken question gets a spoken answer."""
-    port = _free_port()
+    port = free_port()
     started = time.monotonic()
     command = [*CLI, "serve", "--port", str(port), "--set", "llm.engine=remote", "--set", f"llm.url={engine_url}"]
     serve, _ = _started(command, tmp_path / "serve.log", r"(serving on) ", 120)

@@ -36,6 +36,7 @@ from typing import Any
 from pipeline.llm import EngineUnavailable
 
 from ..errors import ConfigError
+from ..telemetry import Sample, scrape, total
 
 log = logging.getLogger("assistant.engine")
 
@@ -238,24 +239,6 @@ class RemoteModel:
         if self._probe is not None:
             self._probe.cancel()
         await self._client.close()
-
-
-Sample = tuple[str, dict[str, str], float]
-
-
-def scrape(url: str, api_key: str | None = None, timeout_s: float = 5.0) -> list[Sample]:
-    """Read a Prometheus endpoint: ``(name, labels, value)`` per sample."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    text = httpx.get(url, headers=headers, timeout=timeout_s).raise_for_status().text
-    return [(s.name, dict(s.labels), float(s.value)) for f in text_string_to_metric_families(text) for s in f.samples]
-
-
-def total(samples: list[Sample], name: str, **labels: str) -> float:
-    """The sum of a series over the samples whose labels match ``labels``."""
-    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
 
 
 def _reason(exc: Exception) -> str:
