@@ -26,10 +26,11 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.runtime import DeadlineExecutor
 
 from .config import Config
 from .errors import ModelError
@@ -150,10 +151,11 @@ class Models:
     silero: Any | None
     smart_turn: Any | None = None  # pipeline.turns.semantic.SmartTurn (vad.smart_turn.enabled)
     phrases: dict[str, Any] = field(default_factory=dict)
-    asr_executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "asr"))
-    tts_executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tts"))
+    # One thread per model, shared by every session, soonest deadline first.
+    asr_executor: DeadlineExecutor = field(default_factory=lambda: DeadlineExecutor("asr"))
+    tts_executor: DeadlineExecutor = field(default_factory=lambda: DeadlineExecutor("tts"))
     # Its own thread: the end-of-turn score runs beside the pause's decode.
-    turn_executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "turn"))
+    turn_executor: DeadlineExecutor = field(default_factory=lambda: DeadlineExecutor("turn"))
 
     def phrase(self, text: str, rate: int) -> Any:
         """A short phrase synthesized once per process (acknowledgement, apology)."""

@@ -233,6 +233,10 @@ class ASRStage(Stage):
     # A partial that missed more than this much of the end of the speech is
     # too stale to be committed by the budget policy.
     stale_partial_s = 0.6
+    # Deadlines on a shared Whisper (DeadlineExecutor): the decode at a
+    # pause and the final are due at once, a partial while the user speaks
+    # this long after its audio ends; other sessions' finals go first.
+    partial_slack_s = 1.0
 
     def __init__(
         self,
@@ -314,7 +318,9 @@ class ASRStage(Stage):
 
     def _start_decode(self, utt: _Utterance) -> None:
         samples = utt.samples
-        task = asyncio.create_task(self._decode(utt.audio(samples)))
+        paused = utt.paused_at_voiced
+        deadline = paused if paused is not None else utt.audio_end_at + self.partial_slack_s
+        task = asyncio.create_task(self._decode(utt.audio(samples), deadline))
         decode = _Decode(task, samples, utt.audio_end_at, self._clock())
         utt.latest = decode
         utt.last_decode_started = decode.started_at
@@ -350,9 +356,9 @@ class ASRStage(Stage):
 
         task.add_done_callback(scored)
 
-    async def _decode(self, audio: np.ndarray) -> str:
+    async def _decode(self, audio: np.ndarray, deadline: float | None = None) -> str:
         started = time.perf_counter()
-        text = await run_blocking(self._executor, self._transcribe, audio)
+        text = await run_blocking(self._executor, self._transcribe, audio, deadline=deadline)
         self.decode_ms.append((time.perf_counter() - started) * 1000)
         return text
 
@@ -443,7 +449,7 @@ class ASRStage(Stage):
                 pass
         if latest is not None and not latest.task.done():
             await asyncio.wait({latest.task})  # one decode at a time
-        return await self._decode(utt.audio(utt.samples)), False
+        return await self._decode(utt.audio(utt.samples), stopped.last_voiced_at), False
 
     async def finish(self) -> None:
         if self._final_chain is not None and not self._final_chain.done():

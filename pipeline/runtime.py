@@ -19,12 +19,14 @@ plumbing of turns lives here:
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import Executor
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -535,13 +537,91 @@ class Watchdog:
 # --------------------------------------------------------------------------
 
 
-async def run_blocking(executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
-    """Run a blocking model call off the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+class DeadlineExecutor(Executor):
+    """One worker thread for a model every session shares; the job due
+    soonest runs first, FIFO among equals.
+
+    With four sessions on one Whisper (or one piper), first come first served
+    let a session's partial decode, wanted in a second, hold up another's
+    final decode, wanted now. A job's deadline is a monotonic time (the
+    frames' clock, :func:`now`); a plain :meth:`submit` is due at once. A job
+    already running is never preempted: the gain is in what runs next.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._queue: list[tuple[float, int, Future[Any], Callable[..., Any], tuple[Any, ...]]] = []
+        self._order = itertools.count()
+        self._wake = threading.Condition()
+        self._closed = False
+        self.reordered = 0  # jobs that overtook one submitted before them
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        if kwargs:
+            return self.submit_by(now(), lambda: fn(*args, **kwargs))
+        return self.submit_by(now(), fn, *args)
+
+    def submit_by(self, deadline: float, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Queue ``fn(*args)``, wanted by ``deadline``."""
+        future: Future[T] = Future()
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("cannot schedule new work after shutdown")
+            if self._queue and deadline < max(entry[0] for entry in self._queue):
+                self.reordered += 1
+            heapq.heappush(self._queue, (deadline, next(self._order), future, fn, args))
+            self._wake.notify()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                _, _, future, fn, args = heapq.heappop(self._queue)
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while waiting (a cancelled turn)
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the awaiting task, as ThreadPoolExecutor does
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._wake:
+            self._closed = True
+            if cancel_futures:
+                for entry in self._queue:
+                    entry[2].cancel()
+                self._queue.clear()
+            self._wake.notify_all()
+        if wait:
+            self._thread.join()
 
 
-async def iterate_blocking(executor: Executor | None, make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-    """Iterate a blocking generator in an executor, one item at a time.
+def _submit(executor: Executor | None, deadline: float | None, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+    if deadline is not None and isinstance(executor, DeadlineExecutor):
+        return asyncio.wrap_future(executor.submit_by(deadline, fn, *args))
+    return asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+
+async def run_blocking(
+    executor: Executor | None, fn: Callable[..., T], *args: Any, deadline: float | None = None
+) -> T:
+    """Run a blocking model call off the event loop (by ``deadline``, where
+    the executor orders its jobs: :class:`DeadlineExecutor`)."""
+    return await _submit(executor, deadline, fn, *args)
+
+
+async def iterate_blocking(
+    executor: Executor | None, make: Callable[[], Iterator[T]], deadline: float | None = None
+) -> AsyncIterator[T]:
+    """Iterate a blocking generator in an executor, one item at a time
+    (each by ``deadline``, as :func:`run_blocking`).
 
     Stops pulling as soon as the consumer stops (a cancelled turn), so at
     most one more item is computed after cancellation.
@@ -556,10 +636,10 @@ async def iterate_blocking(executor: Executor | None, make: Callable[[], Iterato
     def step(it: Iterator[T]) -> Any:
         return next(it, sentinel)
 
-    iterator = await loop.run_in_executor(executor, start)
+    iterator = await _submit(executor, deadline, start)
     try:
         while True:
-            item = await loop.run_in_executor(executor, step, iterator)
+            item = await _submit(executor, deadline, step, iterator)
             if item is sentinel:
                 return
             yield item  # type: ignore[misc]

@@ -52,6 +52,9 @@ class TTSStage(Stage):
 
     name = "tts"
     scope = "reply"
+    # How much later than a first chunk a later one is due (its turn has the
+    # audio before it to play meanwhile).
+    later_chunk_slack_s = 1.0
 
     def __init__(
         self,
@@ -86,7 +89,10 @@ class TTSStage(Stage):
         if item.text.strip():
             started = time.perf_counter()
             first = True
-            async for pcm in iterate_blocking(self._executor, lambda: self._synth.synthesize(item.text)):
+            # A shared piper (DeadlineExecutor) speaks first chunks first: a
+            # later chunk of another turn has the audio before it to play.
+            deadline = item.at if item.index == 0 else item.at + self.later_chunk_slack_s
+            async for pcm in iterate_blocking(self._executor, lambda: self._synth.synthesize(item.text), deadline):
                 if first:
                     self.first_audio_ms.append((time.perf_counter() - started) * 1000)
                     first = False

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from pipeline.frames import END, LLMToken, StageError, TurnCancelled
 from pipeline.runtime import Channel, PipelineContext, Stage, connect, run_stages
 
@@ -107,3 +109,37 @@ def test_endpoint_rule_reads_the_words() -> None:
     assert rule.silence_ms("Can you tell me about the?") == 1000
     assert rule.silence_ms("paris") is None  # no punctuation: the VAD's own silence
     assert rule.silence_ms("") is None
+
+
+def test_the_deadline_executor_runs_the_job_due_soonest_first() -> None:
+    import threading
+
+    from pipeline.frames import now
+    from pipeline.runtime import DeadlineExecutor, run_blocking
+
+    executor = DeadlineExecutor("test")
+    busy = threading.Event()
+    order: list[str] = []
+    blocker = executor.submit(busy.wait, 5)  # the worker is busy: the rest queue up
+    t = now()
+    later = executor.submit_by(t + 10, order.append, "partial, due in 10 s")
+    soon = executor.submit_by(t + 5, order.append, "final of another session, due in 5 s")
+    same = executor.submit_by(t + 5, order.append, "its twin, submitted after it")
+    dropped = executor.submit_by(t + 1, order.append, "cancelled while waiting")
+    dropped.cancel()
+    failing = executor.submit_by(t + 20, lambda: 1 / 0)
+    busy.set()
+    for future in (blocker, later, soon, same):
+        future.result(timeout=5)
+    assert order == ["final of another session, due in 5 s", "its twin, submitted after it", "partial, due in 10 s"]
+    assert executor.reordered >= 2
+    with pytest.raises(ZeroDivisionError):
+        failing.result(timeout=5)
+
+    async def awaited() -> int:
+        return await run_blocking(executor, lambda x: x * 2, 21, deadline=now())
+
+    assert asyncio.run(awaited()) == 42
+    executor.shutdown(wait=True, cancel_futures=True)
+    with pytest.raises(RuntimeError):
+        executor.submit(print)
