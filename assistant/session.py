@@ -162,7 +162,10 @@ class Session:
         )
         self.pipeline = build_pipeline(components_of(models, config), settings, output, self.id)
         self.origin = now()
-        self.report = TurnReport(self.bus, self.origin, config.audio.output_rate, self.watchdog, keep=keep_turns)
+        self.report = TurnReport(
+            self.bus, self.origin, config.audio.output_rate, self.watchdog, keep=keep_turns,
+            input_rate=config.audio.input_rate,
+        )
 
     @property
     def ctx(self) -> PipelineContext:

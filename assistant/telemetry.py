@@ -11,6 +11,7 @@ Series (seconds, as Prometheus prefers; the report's milliseconds / 1000):
 
 =============================================  =========  ======================================
 voice_assistant_voice_to_voice_seconds          histogram  last voiced frame -> first reply sample
+voice_assistant_client_voice_to_voice_seconds   histogram  the same, measured by the client (browser)
 voice_assistant_stage_latency_seconds{stage}    histogram  each span of the report (asr_final, ...)
 voice_assistant_turns_total{status}             counter    completed, interrupted, cancelled
 voice_assistant_barge_ins_total                 counter    replies stopped by the user
@@ -101,6 +102,12 @@ class Telemetry:
         self.voice_to_voice = Histogram(
             "voice_assistant_voice_to_voice_seconds",
             "From the user's last voiced frame to the reply's first sample.",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.client_voice_to_voice = Histogram(
+            "voice_assistant_client_voice_to_voice_seconds",
+            "Voice to voice as clients measured it: their microphone to their speaker (playback.heard).",
             buckets=_BUCKETS,
             registry=r,
         )

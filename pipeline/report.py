@@ -23,6 +23,7 @@ from .frames import (
     ReplyInterrupted,
     SpeechPaused,
     SpeechStarted,
+    SpeechStopped,
     StageError,
     TextChunk,
     TranscriptFinal,
@@ -59,6 +60,7 @@ class TurnRecord:
     heard_text: str | None = None
     barge_in_stop_ms: float | None = None
     barge_in: bool = False  # this turn itself interrupted a reply
+    speech_end_position: int | None = None  # input samples up to the last voiced one
 
     def stamp(self, name: str, at: float) -> None:
         self.stamps.setdefault(name, at)
@@ -75,12 +77,13 @@ class TurnReport:
 
     def __init__(
         self, bus: EventBus, origin: float, output_rate: int, watchdog: Watchdog | None = None,
-        keep: int | None = None,
+        keep: int | None = None, input_rate: int = 16000,
     ) -> None:
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be >= 1 or None, got {keep}")
         self.origin = origin
         self.output_rate = output_rate
+        self.input_rate = input_rate
         self.watchdog = watchdog
         self.keep = keep
         self.closed = 0
@@ -106,6 +109,8 @@ class TurnReport:
         match event:
             case SpeechStarted():
                 t.barge_in = event.barge_in
+            case SpeechStopped():
+                t.speech_end_position = event.last_voiced_position
             case ReplyInterrupted():
                 t.interrupted = True
                 t.heard_text = event.heard_text
@@ -204,6 +209,9 @@ class TurnReport:
             "milestones_ms": milestone_ms(t.stamps, REPORT_MILESTONES, self.origin),
             "latency_ms": latency,
             "voice_to_voice_ms": latency.get("voice_to_voice"),
+            "speech_end_input_ms": (
+                round(t.speech_end_position / self.input_rate * 1000, 1) if t.speech_end_position is not None else None
+            ),
             "budgets": self.watchdog.results.get(t.turn_id, {}) if self.watchdog is not None else {},
             "budget_exceeded": t.budget_events,
             "errors": t.errors,

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from assistant.telemetry import parse, total
 from helpers import ASSETS, ROOT, word_error_rate, words
 
 BROWSER_DIR = ROOT / "tests" / "browser"
@@ -61,6 +62,8 @@ def test_browser_turn(browser_ready: None, models: Any, config: Any, run: Callab
 
     screenshot = tmp_path / "browser.png"
 
+    client_heard: list[float] = []  # the server's count of playback.heard, when the page is done
+
     async def scenario() -> tuple[int, str, str]:
         async with Server(models, config, host="127.0.0.1", port=0, token=TOKEN) as server:
             proc = await asyncio.create_subprocess_exec(
@@ -81,13 +84,15 @@ def test_browser_turn(browser_ready: None, models: Any, config: Any, run: Callab
                 proc.kill()
                 out, err = await proc.communicate()
                 return -1, out.decode(), err.decode() + "\n(the driver did not exit; killed)"
+            body, _ = server.telemetry.exposition()
+            client_heard.append(total(parse(body.decode()), "voice_assistant_client_voice_to_voice_seconds_count"))
             return proc.returncode or 0, out.decode(), err.decode()
 
     code, out, err = run(scenario())
     assert code == 0, f"browser_turn.mjs exited {code}\nstderr:\n{err[-3000:]}\nstdout:\n{out[-3000:]}"
     result = json.loads(out.strip().splitlines()[-1])
     state = result["state"]
-    summary = ("final", "reply", "playedSamples", "outputRate", "voiceToVoiceMs", "elapsedMs")
+    summary = ("final", "reply", "playedSamples", "outputRate", "voiceToVoiceMs", "heardVoiceToVoiceMs", "elapsedMs")
     print(json.dumps({key: result.get(key) for key in summary}))
 
     expected = WAV.with_suffix(".txt").read_text(encoding="utf-8").strip()
@@ -104,6 +109,14 @@ def test_browser_turn(browser_ready: None, models: Any, config: Any, run: Callab
     assert turn["playedSamples"] > 0
     assert turn["status"] in ("speaking", "completed"), turn
     assert state["errors"] == [], state["errors"]
+    # What the user really waited, measured by the page (its microphone's
+    # capture to its speaker's output, AudioContext clocks) and sent back: it
+    # holds the server's span plus the network, jitter buffer and device
+    # latencies, so it is not much shorter than the server's figure.
+    server_ms, heard_ms = result["voiceToVoiceMs"], result["heardVoiceToVoiceMs"]
+    assert heard_ms is not None, state
+    assert 0.8 * server_ms <= heard_ms <= server_ms + 3000, (server_ms, heard_ms)
+    assert client_heard == [1], "the page's figure did not reach the server (playback.heard)"
     assert state["sessions"] == 1, "the page reconnected during the test"
 
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -132,9 +132,15 @@ def test_requests() -> None:
     assert position == v1.PlaybackPosition(2, 35280)
     assert protocol.parse('{"type": "input.end"}') == v1.InputEnd()
     assert protocol.parse('{"type":"session.end","extra":1}') == v1.SessionEnd()
+    heard = protocol.parse('{"type": "playback.heard", "turn_id": 2, "voice_to_voice_ms": 1032.5}')
+    assert heard == v1.PlaybackHeard(2, 1032.5)
+    assert protocol.parse('{"type": "playback.heard", "turn_id": 0, "voice_to_voice_ms": 900}') == v1.PlaybackHeard(0, 900.0)
 
 
 BAD_POSITION = "playback.position: turn_id and samples must be integers >= 0"
+BAD_HEARD = (
+    "playback.heard: turn_id must be an integer >= 0 and voice_to_voice_ms a number from 0 to 600000"
+)
 
 
 @pytest.mark.parametrize(
@@ -151,6 +157,12 @@ BAD_POSITION = "playback.position: turn_id and samples must be integers >= 0"
         ('{"type": "playback.position", "turn_id": true, "samples": 1}', BAD_POSITION),
         ('{"type": "playback.position", "turn_id": 1}', BAD_POSITION),
         ('{"type": "playback.position", "turn_id": 1, "samples": 2.0}', BAD_POSITION),
+        ('{"type": "playback.heard", "turn_id": 1, "voice_to_voice_ms": -5}', BAD_HEARD),
+        ('{"type": "playback.heard", "turn_id": 1, "voice_to_voice_ms": 1e9}', BAD_HEARD),
+        ('{"type": "playback.heard", "turn_id": 1, "voice_to_voice_ms": true}', BAD_HEARD),
+        ('{"type": "playback.heard", "turn_id": 1, "voice_to_voice_ms": "900"}', BAD_HEARD),
+        ('{"type": "playback.heard", "turn_id": "1", "voice_to_voice_ms": 900}', BAD_HEARD),
+        ('{"type": "playback.heard", "turn_id": 1}', BAD_HEARD),
         ("[" * 100_000 + "]" * 100_000, "text frame of 200000 characters is over the limit of 65536"),
         ("[" * 30_000 + "]" * 30_000, "text frame nested deeper than 32 levels"),
         ('{"a": ' * 33 + "1" + "}" * 33, "text frame nested deeper than 32 levels"),
@@ -291,7 +303,8 @@ def test_turn_state_comes_from_the_events() -> None:
     assert list(metrics.items()) == [
         ("type", "turn.metrics"), ("turn_id", 2), ("status", "completed"), ("cancel_reason", None),
         ("interrupted", False), ("heard_text", None), ("transcript", "Hi"), ("reply", "Hello."),
-        ("voice_to_voice_ms", 950.2), ("latency_ms", {"voice_to_voice": 950.2}), ("budgets", {}),
+        ("voice_to_voice_ms", 950.2), ("speech_end_input_ms", None), ("latency_ms", {"voice_to_voice": 950.2}),
+        ("budgets", {}),
     ]
     assert isinstance(at_ms, float)
     assert protocol.open_turns == [3]
@@ -410,3 +423,9 @@ def test_output_wraps_reply_audio_in_markers() -> None:
     assert (start["turn_id"], start["sample_rate"], end["turn_id"]) == (4, 22050, 4)
     assert end["samples"] == sum(len(m) for m in sent if isinstance(m, bytes)) // 2 == 2205
     assert sent[-1] == v1.encode(json.loads(sent[-1]))  # compact JSON, like every other event
+
+
+def test_turn_metrics_say_where_the_speech_ended_in_the_clients_audio() -> None:
+    metrics = wire_json(wire().turn_metrics(4, {**METRICS, "speech_end_input_ms": 2460.0}))
+    assert metrics["speech_end_input_ms"] == 2460.0
+    assert wire_json(wire().turn_metrics(5, METRICS))["speech_end_input_ms"] is None

@@ -56,6 +56,7 @@ class MessageType(StrEnum):
     # client -> server
     SESSION_START = "session.start"
     PLAYBACK_POSITION = "playback.position"
+    PLAYBACK_HEARD = "playback.heard"
     INPUT_END = "input.end"
     SESSION_END = "session.end"
     # server -> client
@@ -229,6 +230,19 @@ class PlaybackPosition:
 
 
 @dataclass(frozen=True, slots=True)
+class PlaybackHeard:
+    """``playback.heard``: voice to voice as the client measured it, from its
+    microphone's capture of the user's last voiced sample to its speaker's
+    output of the reply's first (the browser: AudioContext timestamps)."""
+
+    turn_id: int
+    voice_to_voice_ms: float
+
+
+MAX_HEARD_MS = 600_000.0  # ten minutes: more is a client's clock error, not a latency
+
+
+@dataclass(frozen=True, slots=True)
 class InputEnd:
     """``input.end``: no more audio will come."""
 
@@ -238,7 +252,7 @@ class SessionEnd:
     """``session.end``: stop now."""
 
 
-ClientRequest = PlaybackPosition | InputEnd | SessionEnd
+ClientRequest = PlaybackPosition | PlaybackHeard | InputEnd | SessionEnd
 
 
 # --------------------------------------------------------------------------
@@ -415,6 +429,19 @@ class ProtocolV1:
             if type(turn_id) is not int or type(samples) is not int or samples < 0:
                 raise _bad_message("playback.position: turn_id and samples must be integers >= 0")
             return PlaybackPosition(turn_id, samples)
+        if kind == MessageType.PLAYBACK_HEARD:
+            turn_id, heard = message.get("turn_id"), message.get("voice_to_voice_ms")
+            if (
+                type(turn_id) is not int
+                or turn_id < 0
+                or type(heard) not in (int, float)
+                or not 0 <= heard <= MAX_HEARD_MS
+            ):
+                raise _bad_message(
+                    f"playback.heard: turn_id must be an integer >= 0 and voice_to_voice_ms a number "
+                    f"from 0 to {MAX_HEARD_MS:.0f}"
+                )
+            return PlaybackHeard(turn_id, float(heard))
         if kind == MessageType.INPUT_END:
             return InputEnd()
         if kind == MessageType.SESSION_END:
@@ -500,6 +527,10 @@ class ProtocolV1:
             "transcript": data["transcript"],
             "reply": data["reply"],
             "voice_to_voice_ms": data["voice_to_voice_ms"],
+            # Where the user's last voiced sample was in the audio the client
+            # sent (ms from the session's first sample): the client's own
+            # voice to voice starts there (playback.heard).
+            "speech_end_input_ms": data.get("speech_end_input_ms"),
             "latency_ms": data["latency_ms"],
             "budgets": data["budgets"],
             "at_ms": self.ms(now()),

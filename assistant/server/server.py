@@ -65,6 +65,7 @@ from .protocol import (
     PROTOCOL_VERSION,
     Ending,
     InputEnd,
+    PlaybackHeard,
     PlaybackPosition,
     ProtocolError,
     ProtocolV1,
@@ -420,6 +421,9 @@ class _Connection:
             case PlaybackPosition(turn_id=turn_id, samples=samples):
                 assert self.output is not None
                 self.output.report_position(turn_id, samples)
+            case PlaybackHeard(turn_id=turn_id, voice_to_voice_ms=heard):
+                self.server.telemetry.client_voice_to_voice.observe(heard / 1000)
+                log.info("session %s turn %d: voice to voice as the client heard it: %.0f ms", self.id, turn_id, heard)
             case InputEnd():
                 self._end_input()
             case SessionEnd():

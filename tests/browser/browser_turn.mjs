@@ -8,7 +8,7 @@
 // has played reply audio (window.assistantState, see assistant/server/web/app.js),
 // then for the turn's metrics, takes a screenshot, presses Stop and prints one
 // JSON object on stdout: {ok, final, reply, playedSamples, voiceToVoiceMs,
-// state, console, elapsedMs}. Exit status: 0 ok, 1 timed out (the JSON says
+// heardVoiceToVoiceMs, state, console, elapsedMs}. Exit status: 0 ok, 1 timed out (the JSON says
 // what was missing), 2 bad arguments, 3 the browser could not be started.
 
 import { mkdtempSync, rmSync, existsSync } from "node:fs";
@@ -103,7 +103,8 @@ try {
       .waitForFunction(
         () => {
           const t = window.assistantState.turns.find((x) => x.final !== null);
-          return t && t.voiceToVoiceMs !== null && !t.playing;
+          // ... and what the page itself measured (playback.heard).
+          return t && t.voiceToVoiceMs !== null && t.heardVoiceToVoiceMs !== null && !t.playing;
         },
         null,
         { timeout: Math.min(20000, left()), polling: 100 },
@@ -131,6 +132,7 @@ try {
     playedSamples: state?.playedSamples ?? 0,
     outputRate: state?.outputRate ?? null,
     voiceToVoiceMs: turn?.voiceToVoiceMs ?? null,
+    heardVoiceToVoiceMs: turn?.heardVoiceToVoiceMs ?? null,
     elapsedMs: Date.now() - started,
     screenshot: resolve(args.screenshot),
     state,

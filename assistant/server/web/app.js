@@ -7,6 +7,13 @@
 // jitter buffer; the page reports what was really played (playback.position).
 // A dropped connection is retried with backoff, as a new session.
 //
+// What the user really heard: the page measures voice to voice itself, from
+// its microphone's capture of the user's last voiced sample (turn.metrics says
+// where that was in the audio sent: speech_end_input_ms) to its speaker's
+// output of the reply's first sample (the playback worklet's context time,
+// plus the context's base and output latency), and sends it back
+// (playback.heard) to be shown beside the server's figure.
+//
 // window.assistantState is what the page shows, for tests and debugging:
 //   status        "idle" | "connecting" | "ready" | "reconnecting" | "stopped" | "failed"
 //   connected     true while a session is ready on an open websocket
@@ -18,7 +25,7 @@
 //   playedSamples reply samples played so far, all turns (at outputRate)
 //   underruns     times the playback buffer ran dry in the middle of a turn
 //   turns         [{session, turnId, partial, final, reply, status, heardText,
-//                   playedSamples, voiceToVoiceMs}]; status: "listening" |
+//                   playedSamples, voiceToVoiceMs, heardVoiceToVoiceMs}]; status: "listening" |
 //                   "thinking" | "speaking" | "completed" | "interrupted" | "cancelled" | ...
 //   errors        [{code, message, fatal}] from the server or the page
 
@@ -64,7 +71,10 @@ let player = null; // AudioWorkletNode "playback"
 let ws = null;
 let ready = false; // session.ready received on ws
 let running = false; // between Start and Stop
-let pending = []; // microphone frames captured before the session was ready
+let pending = []; // microphone frames ({pcm, ctxTime}) captured before the session was ready
+let sentMs = 0; // audio sent in this session, ms: the server's input timeline
+let sentFrames = []; // [{endMs, ctxTime}] of this session's recent frames
+const SENT_FRAMES_KEPT = 3000; // a minute of 20 ms frames
 let audioTurn = null; // turn named by the last response.audio.start
 let attempt = 0; // reconnect attempt
 let retryTimer = null;
@@ -116,6 +126,9 @@ function turnFor(turnId) {
       heardText: null,
       playedSamples: 0,
       voiceToVoiceMs: null,
+      heardVoiceToVoiceMs: null,
+      speechEndInputMs: null,
+      firstSampleCtxTime: null,
     };
     turnsByKey.set(key, turn);
     state.turns.push(turn);
@@ -169,6 +182,7 @@ function render(turn) {
   }
   const meta = [];
   if (turn.voiceToVoiceMs !== null) meta.push(`voice-to-voice ${Math.round(turn.voiceToVoiceMs)} ms`);
+  if (turn.heardVoiceToVoiceMs !== null) meta.push(`heard here after ${Math.round(turn.heardVoiceToVoiceMs)} ms`);
   if (["interrupted", "cancelled", "failed"].includes(turn.status)) meta.push(turn.status);
   if (turn.overBudget) meta.push(`over budget: ${turn.overBudget.join(", ")}`);
   el.meta.textContent = meta.join(" · ");
@@ -226,12 +240,50 @@ function stopAudio() {
 function onMicFrame(msg) {
   if (msg.type !== "frame") return;
   showLevel(msg.rms);
+  const frame = { pcm: msg.pcm, ctxTime: msg.ctxTime };
   if (ws && ready && ws.readyState === WebSocket.OPEN) {
-    ws.send(msg.pcm);
+    sendFrame(frame);
   } else if (running) {
-    pending.push(msg.pcm);
+    pending.push(frame);
     if (pending.length > PENDING_FRAMES) pending.shift();
   }
+}
+
+function sendFrame(frame) {
+  ws.send(frame.pcm);
+  sentMs += ((frame.pcm.byteLength >> 1) / state.inputRate) * 1000;
+  sentFrames.push({ endMs: sentMs, ctxTime: frame.ctxTime });
+  if (sentFrames.length > SENT_FRAMES_KEPT) sentFrames.shift();
+}
+
+function inputLatency() {
+  const latency = stream?.getAudioTracks()[0]?.getSettings?.().latency;
+  return typeof latency === "number" && latency >= 0 ? latency : 0;
+}
+
+// The context time the sample at `ms` of this session's input was captured
+// (null when it is no longer, or not yet, among the frames kept).
+function capturedAt(ms) {
+  const frame = sentFrames.find((f) => f.endMs >= ms);
+  if (!frame || (frame === sentFrames[0] && frame.endMs - ms > FRAME_MS)) return null;
+  return frame.ctxTime - (frame.endMs - ms) / 1000 - inputLatency();
+}
+
+function maybeHeard(turn) {
+  if (turn.heardVoiceToVoiceMs !== null || turn.speechEndInputMs === null || turn.firstSampleCtxTime === null) return;
+  if (!ctx || turn.session !== state.sessions) return;
+  const spoke = capturedAt(turn.speechEndInputMs);
+  if (spoke === null) return;
+  const heard = turn.firstSampleCtxTime + (ctx.baseLatency || 0) + (ctx.outputLatency || 0);
+  const ms = (heard - spoke) * 1000;
+  if (!(ms > 0 && ms < 600000)) return; // not a latency: a clock this page cannot map
+  turn.heardVoiceToVoiceMs = ms;
+  send({ type: "playback.heard", turn_id: turn.turnId, voice_to_voice_ms: Math.round(ms * 10) / 10 });
+  if (turn.voiceToVoiceMs !== null) {
+    ui.latency.textContent =
+      `Last turn: ${Math.round(turn.voiceToVoiceMs)} ms voice-to-voice at the server, ${Math.round(ms)} ms heard here`;
+  }
+  render(turn);
 }
 
 function stopPlayback() {
@@ -241,6 +293,11 @@ function stopPlayback() {
 function onPlayer(msg) {
   const turn = turnsByKey.get(msg.turn);
   if (!turn) return;
+  if (msg.type === "started") {
+    turn.firstSampleCtxTime = msg.ctxTime;
+    maybeHeard(turn);
+    return;
+  }
   state.underruns = msg.underruns;
   turn.playedSamples = msg.samples;
   state.playedSamples = state.turns.reduce((sum, t) => sum + t.playedSamples, 0);
@@ -351,7 +408,9 @@ function onEvent(ev) {
       }
       setStatus("ready", `Connected · session ${ev.session_id} · listening`);
       clearError();
-      for (const pcm of pending) ws.send(pcm);
+      sentMs = 0; // a new session: its input timeline starts here
+      sentFrames = [];
+      for (const frame of pending) sendFrame(frame);
       pending = [];
       return;
     }
@@ -436,6 +495,7 @@ function onEvent(ev) {
     case "turn.metrics": {
       const turn = turnFor(ev.turn_id);
       turn.voiceToVoiceMs = ev.voice_to_voice_ms ?? null;
+      turn.speechEndInputMs = ev.speech_end_input_ms ?? null;
       if (ev.interrupted) turn.status = "interrupted";
       else if (turn.status !== "interrupted") turn.status = ev.status || "completed";
       const over = Object.entries(ev.budgets || {}).filter(([, b]) => b && b.exceeded);
@@ -447,6 +507,7 @@ function onEvent(ev) {
       if (turn.voiceToVoiceMs !== null) {
         ui.latency.textContent = `Last turn: ${Math.round(turn.voiceToVoiceMs)} ms voice-to-voice`;
       }
+      maybeHeard(turn);
       return;
     }
     case "budget.exceeded":

@@ -2,7 +2,9 @@
 //
 // capture:  microphone -> mono -> low-pass + resample to the session's input
 //           rate -> 20 ms PCM16LE frames (ArrayBuffer) posted to the main
-//           thread, with the frame's RMS and peak for the level meter.
+//           thread, with the frame's RMS and peak for the level meter, and
+//           the AudioContext time its last sample was in the graph (the end
+//           of the render quantum that completed it: within 3 ms).
 //
 //           Rate choice: the page asks the server for input_rate 16000 (the
 //           server's own rate) and resamples here, instead of sending the
@@ -20,7 +22,9 @@
 //           packet gives one short gap instead of crackle. `stop` drops the
 //           queue at once after a 4 ms fade (no click). It reports, per turn,
 //           how many samples were really played: every ~100 ms while playing,
-//           and when the turn's audio is done or stopped.
+//           and when the turn's audio is done or stopped; and the context time
+//           its first sample was rendered ("started"), from which the page
+//           knows when the user first heard the reply.
 
 const FIR_TAPS = 47; // odd: linear phase, integer delay
 
@@ -76,7 +80,7 @@ class CaptureProcessor extends AudioWorkletProcessor {
     if (a > this.peak) this.peak = a;
     if (++this.fill === this.frameLen) {
       const rms = Math.sqrt(this.sumSq / this.frameLen);
-      this.port.postMessage({ type: "frame", pcm: this.buf, rms, peak: this.peak }, [this.buf]);
+      this.port.postMessage({ type: "frame", pcm: this.buf, rms, peak: this.peak, ctxTime: this.quantumEnd }, [this.buf]);
       this.newFrame();
     }
   }
@@ -86,6 +90,7 @@ class CaptureProcessor extends AudioWorkletProcessor {
     const input = inputs[0];
     if (!input || input.length === 0 || input[0].length === 0) return true;
     const n = input[0].length;
+    this.quantumEnd = currentTime + n / sampleRate;
     // Downmix to mono.
     const mono = new Float32Array(n);
     for (const ch of input) for (let i = 0; i < n; i++) mono[i] += ch[i];
@@ -209,6 +214,9 @@ class PlaybackProcessor extends AudioWorkletProcessor {
         continue;
       }
       this.current = q.turn;
+      if (!this.played.get(q.turn)) {
+        this.port.postMessage({ type: "started", turn: q.turn, ctxTime: currentTime + i / sampleRate });
+      }
       const fading = this.fade > 0;
       const take = Math.min(n - i, q.data.length - q.off, fading ? this.fade : Infinity);
       for (let k = 0; k < take; k++) {
