@@ -184,6 +184,7 @@ def test_the_report_reads_the_table() -> None:
     assert turn["latency_ms"]["end_of_speech"] == 1000.0
     assert turn["voice_to_voice_ms"] == turn["latency_ms"]["voice_to_voice"] == 1900.0
     assert turn["reply_audio_seconds"] == 1.0 and turn["status"] == "completed"
+    assert turn["speech_end_input_ms"] == 2000.0  # 32000 samples into the input at 16 kHz
 
 
 def test_a_long_lived_report_keeps_only_its_last_turns() -> None:
