@@ -537,6 +537,11 @@ class Watchdog:
 # --------------------------------------------------------------------------
 
 
+RECENT_TIMINGS = 10_000
+"""Per-call timings a stage keeps for the benchmark (recent ones: a kiosk's
+session lives for weeks)."""
+
+
 class DeadlineExecutor(Executor):
     """One worker thread for a model every session shares; the job due
     soonest runs first, FIFO among equals.

@@ -11,6 +11,7 @@ seamless. A chunk with ``last=True`` ends the turn's reply
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from typing import Any, Protocol
@@ -20,7 +21,7 @@ import numpy as np
 from audio.resample import Resampler
 
 from .frames import ReplyCancelled, TextChunk, TTSAudio, TTSDone, TTSFirstAudio, TurnCancelled
-from .runtime import PipelineContext, Stage, iterate_blocking
+from .runtime import RECENT_TIMINGS, PipelineContext, Stage, iterate_blocking
 
 
 
@@ -69,7 +70,7 @@ class TTSStage(Stage):
         self._rate = output_rate
         self._resamplers: dict[int, Resampler] = {}
         self._chunks: dict[int, int] = {}
-        self.first_audio_ms: list[float] = []
+        self.first_audio_ms: deque[float] = deque(maxlen=RECENT_TIMINGS)  # recent: see ASRStage.decode_ms
         ctx.bus.subscribe(self._forget_cancelled)
 
     def _forget_cancelled(self, event: Any) -> None:

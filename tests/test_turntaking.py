@@ -196,3 +196,20 @@ def test_normal_onset_when_the_assistant_is_silent(run: Callable[..., Any]) -> N
     vad, starts = _vad_rig(speaking=False)
     _feed(vad, [(0.18, -55)], run)
     assert len(starts) == 1 and not starts[0].barge_in
+
+
+def test_a_conversation_of_weeks_keeps_its_recent_exchanges_only() -> None:
+    """A kiosk never ends its conversation: settled exchanges past
+    keep_exchanges are forgotten; the prompt (within its budget) is unchanged."""
+    conversation = Conversation("system", 40, lambda text: len(text.split()))
+    for turn in range(1, 1001):
+        conversation.open(turn, f"question {turn}")
+        conversation.draft(turn, f"answer {turn}")
+        conversation.commit(turn)
+    turns = conversation.turns
+    assert len(turns) == 2 * conversation.keep_exchanges
+    assert turns[0]["content"] == f"question {1001 - conversation.keep_exchanges}"
+    messages = conversation.messages()
+    assert messages[-1] == {"role": "assistant", "content": "answer 1000"} and len(messages) < 20
+    conversation.open(1001, "still open")  # an open exchange is never dropped
+    assert conversation.is_open(1001)

@@ -857,11 +857,17 @@ class RealtimeConnection(_Connection):
         raise RealtimeError("invalid_value", "binary frames are not part of this protocol; "
                             "send input_audio_buffer.append")
 
+    def _forget_task(self, task: asyncio.Task[Any]) -> None:
+        """A finished job leaves the connection's task list (a session can run for hours)."""
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+
     def _job(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._jobs.add(task)
         self._tasks.append(task)
         task.add_done_callback(self._jobs.discard)
+        task.add_done_callback(self._forget_task)
 
     # ---- events out -------------------------------------------------------
 
@@ -918,6 +924,7 @@ class RealtimeConnection(_Connection):
                 self._send_all(rt.committed(turn.id))
                 self._transcribing = asyncio.create_task(self._transcribe(turn.id, audio))
                 self._tasks.append(self._transcribing)
+                self._transcribing.add_done_callback(self._forget_task)
             case AudioClear():
                 self._buffer.clear()
                 self._buffer_resampler.reset()

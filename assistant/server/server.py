@@ -201,9 +201,10 @@ class _Connection:
             with contextlib.suppress(Exception):
                 await self._close_with(self.wire.ending("internal"))
         finally:
-            for task in self._tasks:
+            tasks = list(self._tasks)  # finished jobs leave the list as they end (realtime.py)
+            for task in tasks:
                 task.cancel()
-            for task in self._tasks:
+            for task in tasks:
                 with contextlib.suppress(BaseException):
                     await task
             if self.output is not None:

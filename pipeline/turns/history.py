@@ -25,7 +25,14 @@ class _Exchange:
 
 
 class Conversation:
-    """The dialogue so far, trimmed to ``budget`` tokens when a prompt is built."""
+    """The dialogue so far, trimmed to ``budget`` tokens when a prompt is built.
+
+    Only the last ``keep_exchanges`` settled exchanges are kept at all: far
+    more than a prompt's budget holds, and a kiosk's conversation goes on for
+    weeks.
+    """
+
+    keep_exchanges = 200
 
     def __init__(self, system_prompt: str, budget: int, count_tokens: Callable[[str], int]) -> None:
         self.system_prompt = system_prompt
@@ -56,6 +63,7 @@ class Conversation:
         if exchange is None or exchange.committed:
             return
         exchange.committed = True
+        self._forget_old()
         if heard is not None:
             exchange.reply = heard.strip() or None
             exchange.interrupted = exchange.reply is not None
@@ -70,6 +78,11 @@ class Conversation:
         client's text item, or its manually committed audio once transcribed):
         settled at once, since nobody has to hear it."""
         self._exchanges.append(_Exchange(turn_id, user, reply or None, committed=True))
+        self._forget_old()
+
+    def _forget_old(self) -> None:
+        while len(self._exchanges) > self.keep_exchanges and self._exchanges[0].committed:
+            del self._exchanges[0]
 
     def truncate(self, turn_id: int, heard: str) -> bool:
         """A settled reply of which the client says only ``heard`` was played:
