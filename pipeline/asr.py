@@ -353,8 +353,11 @@ class ASRStage(Stage):
                 return
             if self._utt is not utt:
                 return
-            if utt.paused_at_voiced is None or audio_end_at < utt.paused_at_voiced:
+            if utt.paused_at_voiced is None:
                 return  # the user went on: an opinion of an older pause
+            if audio_end_at < utt.paused_at_voiced:
+                self._start_scoring(utt)  # paused again meanwhile: that pause's turn
+                return
             self.publish(TurnEndScored(turn_id=utt.turn_id, probability=t.result(), audio_end_at=audio_end_at))
 
         task.add_done_callback(scored)
