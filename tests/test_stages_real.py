@@ -197,6 +197,10 @@ def test_the_cpu_engine_runs_with_the_preloaded_allocator_and_openmp(models: Any
     mapped = {m.path for m in cores[0].memory_maps()}
     for lib in libs:
         assert any(Path(path).name == Path(lib).name for path in mapped), f"{lib} not loaded by the engine"
+    # ... and only there: later children of this process (a browser, PulseAudio) start without them.
+    import os
+
+    assert not any(Path(lib).name in os.environ.get("LD_PRELOAD", "") for lib in libs)
 
 
 def test_conversation_history_stays_within_its_token_budget(models: Any) -> None:

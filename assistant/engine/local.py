@@ -108,13 +108,23 @@ def configure_vllm_env(config: Config) -> None:
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     if config.llm.cpu_threads > 0:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{config.llm.cpu_threads - 1}")
-    if config.llm.preload == "auto" and not has_gpu():
-        libs = preload_libraries()
-        if libs:
-            # Read when the engine core's process is started (vLLM spawns it),
-            # not by this process, which has already loaded its libraries.
-            current = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
-            os.environ["LD_PRELOAD"] = ":".join([*[lib for lib in libs if lib not in current], *current])
+
+
+def engine_ld_preload(config: Config) -> str | None:
+    """``LD_PRELOAD`` for the engine's processes (llm.preload), or None to leave it.
+
+    Only the engine's processes get it: the loader reads it when a process
+    starts, so it is set while vLLM spawns its engine core (or given to the
+    server's process), not left for every later child (a browser under test,
+    PulseAudio).
+    """
+    if config.llm.preload != "auto" or has_gpu():
+        return None
+    libs = preload_libraries()
+    if not libs:
+        return None
+    current = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
+    return ":".join([*[lib for lib in libs if lib not in current], *current])
 
 
 def preload_libraries() -> list[str]:
@@ -188,7 +198,18 @@ def create_engine(config: Config, weights: Path) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(config, weights), disable_log_stats=False))
+    before = os.environ.get("LD_PRELOAD")
+    preload = engine_ld_preload(config)
+    if preload is not None:
+        os.environ["LD_PRELOAD"] = preload
+    try:
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(config, weights), disable_log_stats=False))
+    finally:
+        # vLLM adds its own (GNU OpenMP) for the engine core; later children need neither.
+        if before is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = before
     renice_children(config.llm.nice)
     return engine
 

@@ -71,7 +71,7 @@ def server_command(config: Config, weights: Path, host: str, port: int, extra: l
 
 def engine_command(args: argparse.Namespace, config: Config) -> int:
     """Start the server, say where it is once it answers, run until stopped."""
-    from .local import configure_vllm_env, llm_weights_dir, renice_children
+    from .local import configure_vllm_env, engine_ld_preload, llm_weights_dir, renice_children
 
     weights = llm_weights_dir(config)
     host = args.host or "127.0.0.1"
@@ -82,6 +82,9 @@ def engine_command(args: argparse.Namespace, config: Config) -> int:
         raise UserError(f"--extra: {exc}") from None
     configure_vllm_env(config)
     env = dict(os.environ)
+    preload = engine_ld_preload(config)
+    if preload is not None:
+        env["LD_PRELOAD"] = preload
     api_key = os.environ.get(API_KEY_ENV) or config.llm.api_key
     if api_key:
         env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` shows it
