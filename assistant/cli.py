@@ -351,7 +351,7 @@ async def _warm_up(models: Any) -> None:
 def _print_turn(session: Any):
     def show(record: Any) -> None:
         data = session.report.turn_json(record)
-        if record.status == "cancelled" and not record.transcript:
+        if record.noise:
             return
         v2v = data["voice_to_voice_ms"]
         _say(f"  you: {data['transcript']}")

@@ -197,8 +197,8 @@ def _log_turn(session: Any) -> Callable[[Any], None]:
     """One log line per closed turn (journald keeps it; scripts/soak.py reads it)."""
 
     def log_turn(record: Any) -> None:
-        if record.status == "cancelled" and not record.transcript:
-            return  # noise that opened a turn and held no words
+        if record.noise:
+            return
         data = session.report.turn_json(record)
         v2v = data["voice_to_voice_ms"]
         log.info(

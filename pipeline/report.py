@@ -65,6 +65,11 @@ class TurnRecord:
     def stamp(self, name: str, at: float) -> None:
         self.stamps.setdefault(name, at)
 
+    @property
+    def noise(self) -> bool:
+        """Noise that opened a turn but held no words: not worth reporting."""
+        return self.status == "cancelled" and not self.transcript
+
 
 class TurnReport:
     """Collects each turn's transcript, reply and milestone stamps from the bus.
@@ -181,7 +186,7 @@ class TurnReport:
     def to_json(self, include_dropped: bool = False) -> list[dict[str, Any]]:
         out = []
         for t in sorted(self.turns.values(), key=lambda r: r.turn_id):
-            if not include_dropped and t.status == "cancelled" and not t.transcript:
+            if not include_dropped and t.noise:
                 continue  # noise that opened a turn but held no words
             out.append(self.turn_json(t))
         return out
