@@ -97,6 +97,7 @@ class LLMConfig:
     cache_dir: str
     max_model_len: int
     kv_cache_gib: float
+    block_size: int
     enforce_eager: bool
     cpu_threads: int
     nice: int
@@ -242,6 +243,7 @@ _CHECKS: dict[str, tuple[Any, Any]] = {
     "llm.connect_timeout_s": (0.1, 60.0),
     "llm.read_timeout_s": (1.0, 600.0),
     "llm.nice": (0, 19),
+    "llm.block_size": ({16, 32, 64, 128, 256}, None),
     "llm.temperature": (0.0, 2.0),
     "llm.top_p": (0.0, 1.0),
     "llm.speculative.num_speculative_tokens": (1, 16),

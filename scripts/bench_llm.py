@@ -174,7 +174,8 @@ async def _ask(engine, prompt_ids: list[int], salt: str, max_tokens: int) -> Req
 
 
 async def _run_config(weights: str, spec: str, folder: pathlib.Path, dtype: str,
-                      passes: int, max_tokens: int) -> ConfigResult:
+                      passes: int, max_tokens: int, block_size: int | None = None,
+                      compiled: bool = False) -> ConfigResult:
     from transformers import AutoTokenizer
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -190,8 +191,9 @@ async def _run_config(weights: str, spec: str, folder: pathlib.Path, dtype: str,
     args = AsyncEngineArgs(
         model=str(folder),
         dtype=dtype,
-        enforce_eager=True,
+        enforce_eager=not compiled,
         max_model_len=2048,
+        block_size=block_size,
         speculative_config=NGRAM if spec == "ngram" else None,
         disable_log_stats=False,  # the spec-decode counters need stats
     )
@@ -316,6 +318,11 @@ def main() -> int:
                         default=pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
                         / "voice-assistant")
     parser.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="KV cache block size in tokens (vLLM's CPU default: 128); the prefix "
+                             "cache reuses whole blocks only")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (enforce_eager off): minutes at start")
     args = parser.parse_args()
     kinds = [k.strip() for k in args.weights.split(",") if k.strip()]
     specs = [s.strip() for s in args.spec.split(",") if s.strip()]
@@ -353,7 +360,8 @@ def main() -> int:
                     continue
                 print(f"{tag} starting engine ({dtype}) ...", flush=True)
                 try:
-                    r = asyncio.run(_run_config(kind, spec, folders[kind], dtype, args.passes, args.max_tokens))
+                    r = asyncio.run(_run_config(kind, spec, folders[kind], dtype, args.passes, args.max_tokens,
+                                                  args.block_size, args.compile))
                 except Exception as exc:  # report and go on with the next configuration
                     r = ConfigResult(kind, spec, dtype, error=f"{type(exc).__name__}: {exc}")
                 gc.collect()

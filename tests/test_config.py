@@ -42,6 +42,7 @@ def test_file_overrides_only_given_keys(tmp_path: Path) -> None:
         ("vad.silence_ms=soon", "vad.silence_ms: expected an integer, got 'soon'"),
         ("vad.aggressiveness=7", "vad.aggressiveness: 7 is out of range [0, 3]"),
         ("audio.frame_ms=25", "audio.frame_ms: expected one of [10, 20, 30], got 25"),
+        ("llm.block_size=48", "llm.block_size: expected one of [16, 32, 64, 128, 256], got 48"),
         ("llm.weights=int8", "llm.weights: expected one of 'auto', 'int4', 'fp32', got 'int8'"),
         ("vad.silero.enabled=maybe", "vad.silero.enabled: expected true or false, got 'maybe'"),
         ("vad=3", "vad is a section"),

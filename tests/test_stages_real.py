@@ -203,6 +203,31 @@ def test_the_cpu_engine_runs_with_the_preloaded_allocator_and_openmp(models: Any
     assert not any(Path(lib).name in os.environ.get("LD_PRELOAD", "") for lib in libs)
 
 
+def test_the_engine_reuses_the_system_prompt_from_its_prefix_cache(models: Any, config: Any, run: Any) -> None:
+    """llm.block_size: the prefix cache keeps whole blocks only, so with a
+    block smaller than the system prompt a new question skips its prefill."""
+    from assistant.engine.local import VLLMModel
+
+    if not isinstance(models.llm, VLLMModel):
+        pytest.skip("a remote engine: its server keeps its own cache")
+    from vllm.v1.metrics.reader import Counter, get_metrics_snapshot
+
+    def hits() -> float:
+        return sum(m.value for m in get_metrics_snapshot() if isinstance(m, Counter) and m.name == "vllm:prefix_cache_hits")
+
+    async def ask(question: str) -> None:
+        messages = [{"role": "system", "content": config.llm.system_prompt}, {"role": "user", "content": question}]
+        async for _text, _finish in models.llm.stream(messages, f"prefix-{question}"):
+            pass
+
+    run(ask("Which planet is the biggest?"))
+    before = hits()
+    run(ask("Name one colour of the rainbow."))
+    prompt_tokens = len(models.llm.tokenizer(models.llm.prompt([{"role": "system", "content": config.llm.system_prompt}]))["input_ids"])
+    assert prompt_tokens >= config.llm.block_size
+    assert hits() - before >= prompt_tokens // config.llm.block_size * config.llm.block_size
+
+
 def test_conversation_history_stays_within_its_token_budget(models: Any) -> None:
     conversation = Conversation("Be brief.", budget=60, count_tokens=models.llm.count_tokens)
     for i in range(20):

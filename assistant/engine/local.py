@@ -187,6 +187,7 @@ def engine_args(config: Config, weights: Path) -> dict[str, Any]:
         "enforce_eager": config.llm.enforce_eager,
         "speculative_config": speculative_config(config),
         "max_num_seqs": 16,
+        "block_size": config.llm.block_size,
         "seed": 0,
     }
 
