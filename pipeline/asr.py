@@ -11,13 +11,13 @@ an early reply, a turn with no words) is the turn controller's call
 
 The final transcript reuses that work instead of starting from scratch:
 
-1. When the VAD reports a pause (:class:`SpeechPaused`, ~120 ms after the
+1. When the VAD reports a pause (:class:`SpeechPaused`, ~80 ms after the
    last voiced frame) a decode of the *complete* utterance starts at once,
    while the silence hangover is still running. When the hangover ends
    (:class:`SpeechStopped`) that decode is usually finished or nearly so and
    becomes the final transcript: no decode at all after the user stopped.
 2. If the user spoke again after that decode started, one more decode of the
-   whole utterance runs (the encoder window is at least 10 s, so a "tail
+   whole utterance runs (the encoder window is at least 5 s, so a "tail
    only" decode would cost about the same). Committed words are not forced
    as a decoder prefix: an early wrong word, committed from a short buffer,
    then poisoned every later decode (seen: "Do do do ..." loops).
@@ -83,7 +83,9 @@ class WhisperTranscriber:
     CTranslate2 accepts a shorter window, so utterances are encoded in a
     window of ``window_s`` seconds (grown to the audio plus 1 s when longer):
     on the committed questions a 10 s window gave the same transcripts as
-    30 s at a fifth of the cost, while 5 s windows started to loop. Set
+    30 s at a fifth of the cost, and 5 s the same again at two thirds of
+    10 s's. In a short window Whisper sometimes writes the utterance and
+    then starts it again; :func:`drop_echoed_phrase` cuts that echo. Set
     ``window_s`` to 30 for stock faster-whisper behaviour.
 
     Temperature fallback is off: a second decode would double the latency.
@@ -91,7 +93,7 @@ class WhisperTranscriber:
     gives no words, so a cough that fooled the VAD ends as a dropped turn.
     """
 
-    def __init__(self, model: Any, beam_size: int = 1, language: str = "en", window_s: float = 10.0) -> None:
+    def __init__(self, model: Any, beam_size: int = 1, language: str = "en", window_s: float = 5.0) -> None:
         self.model = model
         self.beam_size = beam_size
         self.language = language
@@ -105,7 +107,7 @@ class WhisperTranscriber:
 
     def __call__(self, audio: np.ndarray) -> str:
         text = self._decode(audio)
-        return collapse_repeats(text) if degenerate(text) else text
+        return drop_echoed_phrase(collapse_repeats(text) if degenerate(text) else text)
 
     def _decode(self, audio: np.ndarray) -> str:
         seconds = len(audio) / 16000
@@ -175,6 +177,27 @@ def collapse_repeats(text: str) -> str:
         if not out or _norm(out[-1]) != _norm(word):
             out.append(word)
     return " ".join(out)
+
+
+def drop_echoed_phrase(text: str, min_words: int = 3) -> str:
+    """Cut Whisper's echo of the utterance at its end.
+
+    In a short encoder window Whisper sometimes writes the whole question
+    and then starts it again ("What is the capital of France? What is the
+    capital of France"): the echo is the first words again, repeated in
+    order until the text ends. A tail of at least ``min_words`` words, and
+    at least half the phrase, that repeats the text's opening words is
+    dropped; the phrase before it is kept.
+    """
+    words = text.split()
+    norm = [_norm(w) for w in words]
+    for period in range(min_words, len(words) - min_words + 1):
+        tail = len(words) - period
+        if tail < max(min_words, (period + 1) // 2):
+            break
+        if all(norm[i] == norm[i - period] for i in range(period, len(words))):
+            return " ".join(words[:period])
+    return text
 
 
 def _norm(word: str) -> str:
