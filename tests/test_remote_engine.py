@@ -31,7 +31,7 @@ from assistant.engine.remote import RemoteModel, RemoteSettings
 from assistant.telemetry import total
 from assistant.session import Session
 from audio.framing import file_source
-from helpers import ASSETS, ROOT, expected_text, free_port, load_pcm, word_error_rate
+from helpers import ASSETS, ROOT, cli_flags, expected_text, free_port, load_pcm, word_error_rate
 from pipeline.frames import LLMDone, StageError
 from pipeline.playback import TimelineOutput
 
@@ -59,7 +59,7 @@ def _started(command: list[str], log: Path, pattern: str, timeout_s: float) -> t
 def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`voice-assistant engine` on a free port, until the module ends."""
     log = tmp_path_factory.mktemp("engine") / "engine.log"
-    command = [*CLI, "engine", "--port", str(free_port()), "--ready-timeout", "400"]
+    command = [*CLI, "engine", "--port", str(free_port()), "--ready-timeout", "400", *cli_flags()]
     proc, url = _started(command, log, r"engine ready in \d+ s at (http://\S+/v1)", 420)
     try:
         yield url

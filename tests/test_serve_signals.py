@@ -21,14 +21,14 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from helpers import ASSETS, ROOT, load_pcm
+from helpers import ASSETS, ROOT, cli_flags, load_pcm
 
 pytestmark = pytest.mark.slow
 
 
 def start_serve() -> tuple[subprocess.Popen[str], int]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "assistant", "serve", "--host", "127.0.0.1", "--port", "0", "--token", ""],
+        [sys.executable, "-m", "assistant", "serve", "--host", "127.0.0.1", "--port", "0", "--token", "", *cli_flags()],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env={**os.environ, "VOICE_ASSISTANT_TOKEN": ""},
     )

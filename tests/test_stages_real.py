@@ -228,6 +228,19 @@ def test_the_engine_reuses_the_system_prompt_from_its_prefix_cache(models: Any, 
     assert hits() - before >= prompt_tokens // config.llm.block_size * config.llm.block_size
 
 
+def test_the_engine_runs_compiled_by_default(models: Any, config: Any) -> None:
+    """llm.enforce_eager: false, what the README measured: the session's
+    engine is torch.compiled (vLLM's compilation mode is not NONE)."""
+    from assistant.engine.local import VLLMModel
+
+    if not isinstance(models.llm, VLLMModel):
+        pytest.skip("a remote engine: its server chose")
+    assert config.llm.enforce_eager is False
+    vllm_config = models.llm.engine.vllm_config
+    assert vllm_config.model_config.enforce_eager is False
+    assert str(vllm_config.compilation_config.mode).upper().rsplit(".", 1)[-1] != "NONE"
+
+
 def test_conversation_history_stays_within_its_token_budget(models: Any) -> None:
     conversation = Conversation("Be brief.", budget=60, count_tokens=models.llm.count_tokens)
     for i in range(20):
