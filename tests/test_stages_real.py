@@ -238,7 +238,9 @@ def test_the_engine_runs_compiled_by_default(models: Any, config: Any) -> None:
     assert config.llm.enforce_eager is False
     vllm_config = models.llm.engine.vllm_config
     assert vllm_config.model_config.enforce_eager is False
-    assert str(vllm_config.compilation_config.mode).upper().rsplit(".", 1)[-1] != "NONE"
+    from vllm.config import CompilationMode
+
+    assert vllm_config.compilation_config.mode != CompilationMode.NONE
 
 
 def test_conversation_history_stays_within_its_token_budget(models: Any) -> None:
