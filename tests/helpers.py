@@ -48,6 +48,15 @@ def expected_text(wav: Path) -> str:
     return wav.with_suffix(".txt").read_text(encoding="utf-8").strip()
 
 
+def speech_span(wav: Path) -> tuple[float, float]:
+    """Where the committed speech in ``wav`` starts and ends (s), from audio_assets/manifest.json."""
+    import json
+
+    files = json.loads((ASSETS / "manifest.json").read_text(encoding="utf-8"))["files"]
+    start, end = files[wav.relative_to(ASSETS).as_posix()]["speech_s"]
+    return float(start), float(end)
+
+
 def load_pcm(path: Path) -> Any:
     from audio.files import read_wav
 

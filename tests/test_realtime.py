@@ -163,20 +163,26 @@ def test_sdk_spoken_turn_and_voice_to_voice_next_to_ws(models: Any, config: Conf
     transcript = of(events, "response.output_audio_transcript.done")[-1]["transcript"]
     assert word_error_rate(transcript, heard) <= 0.35, (transcript, heard)
 
-    # Voice to voice, as the client sees it: the question's last audio sent -> the first reply audio.
-    clip_end = next(line["t"] for line in lines if line.get("mark") == "clip_end")
+    # Voice to voice, as the client sees it (as the browser measures it): from when it sent the
+    # question's last voiced sample (where speech_stopped says it was) to the first reply audio.
+    # Not from the end of the clip: its trailing silence outlasts the reply on a fast machine.
+    speech_end = next(line["sent_t"] for line in lines if line.get("mark") == "speech_end")
+    assert speech_end is not None, "speech_stopped named a sample the client never sent"
     first_audio = next(line["t"] for line in lines if line.get("in", {}).get("type") == "response.output_audio.delta")
-    realtime_ms = (first_audio - clip_end) * 1000
+    realtime_ms = (first_audio - speech_end) * 1000
     ws_ms, ws_report = ws_voice_to_voice(run, models, config)
-    print(f"\nvoice to voice, client side (clip end -> first reply audio): realtime {realtime_ms:.0f} ms, "
-          f"/ws {ws_ms:.0f} ms; server report: realtime {report['voice_to_voice_ms']} ms, "
+    print(f"\nvoice to voice, client side (last voiced sample sent -> first reply audio): realtime "
+          f"{realtime_ms:.0f} ms, /ws {ws_ms:.0f} ms; server report: realtime {report['voice_to_voice_ms']} ms, "
           f"/ws {ws_report['voice_to_voice_ms']} ms")
     print(f"user: {user['transcript']!r}\nassistant: {transcript!r}\nheard back: {heard!r}")
     assert 0 < realtime_ms < 10000 and 0 < ws_ms < 10000
 
 
 def ws_voice_to_voice(run: Any, models: Any, config: Config) -> tuple[float, dict[str, Any]]:
-    """The same question over /ws at 24 kHz, paced the same way: (client-side ms, the server's report)."""
+    """The same question over /ws at 24 kHz, paced the same way: (client-side ms, the server's report).
+
+    The client side runs from when the question's last voiced sample was sent (turn.metrics'
+    speech_end_input_ms, as the browser reads it) to the first reply audio."""
     from websockets.asyncio.client import connect
 
     resampler = Resampler(16000, 24000)
@@ -192,29 +198,28 @@ def ws_voice_to_voice(run: Any, models: Any, config: Config) -> tuple[float, dic
                                       "output_rate": 24000}))
             connection = await holder
             first_audio: list[float] = []
-            clip_end = 0.0
+            metrics: list[dict[str, Any]] = []
+            sent_at: list[float] = []  # when each 40 ms chunk was sent
 
             async def receive() -> None:
                 async for message in ws:
                     if isinstance(message, bytes) and not first_audio:
                         first_audio.append(loop.time())
                     if isinstance(message, str) and json.loads(message)["type"] == "turn.metrics":
+                        metrics.append(json.loads(message))
                         return
 
             receiver = asyncio.create_task(receive())
             start, sent = loop.time(), 0
             silence = np.zeros(chunk, "<i2")
             while not receiver.done():
-                if sent * chunk < len(pcm):
-                    data = pcm[sent * chunk:(sent + 1) * chunk]
-                    if (sent + 1) * chunk >= len(pcm):
-                        clip_end = loop.time()
-                else:
-                    data = silence
+                data = pcm[sent * chunk:(sent + 1) * chunk] if sent * chunk < len(pcm) else silence
+                sent_at.append(loop.time())
                 await ws.send(data.tobytes())
                 sent += 1
                 await asyncio.sleep(max(0.0, start + sent * 0.04 - loop.time()))
-            return (first_audio[0] - clip_end) * 1000, connection.session.report.to_json()[0]
+            speech_end = sent_at[int(metrics[0]["speech_end_input_ms"] // 40)]
+            return (first_audio[0] - speech_end) * 1000, connection.session.report.to_json()[0]
 
     return serve(run, models, config, body)
 

@@ -23,7 +23,8 @@ from assistant.server.client import RemoteSession
 from assistant.config import Config, load_config
 from assistant.server.server import Server
 from audio.resample import Resampler
-from helpers import ASSETS, expected_text, load_pcm, word_error_rate
+from helpers import ASSETS, expected_text, load_pcm, speech_span, word_error_rate
+from pipeline.frames import LLMToken
 from pipeline.metrics import percentile
 
 pytestmark = pytest.mark.slow
@@ -393,11 +394,18 @@ def test_client_gone_mid_reply_leaves_no_task_and_no_vllm_request(models: Any, c
         ws = await connect(server.ws_url)
         await start_session(ws)
         sender = asyncio.create_task(stream(ws, np.concatenate([pcm, np.zeros(48000, np.int16)]), 16000))
+        # The engine's requests as the first token comes out (a request is live then on any
+        # machine; by the time the client has read that token a fast engine may be done).
+        (connection,) = server._connections
+        assert connection.session is not None
+        connection.session.bus.subscribe(
+            lambda e: state.setdefault("pending", models.llm.pending_requests()) if isinstance(e, LLMToken) else None
+        )
         async with asyncio.timeout(30):
-            while "pending" not in state:
+            while True:
                 message = await ws.recv()
                 if isinstance(message, str) and json.loads(message)["type"] == "response.text.delta":
-                    state["pending"] = models.llm.pending_requests()
+                    break
         ws.transport.abort()  # gone: no close frame
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
@@ -419,11 +427,16 @@ def test_client_gone_mid_reply_leaves_no_task_and_no_vllm_request(models: Any, c
 
 def test_four_sessions_at_once_each_complete_their_turn(models: Any, config: Config, run: Any) -> None:
     names = ["capital_of_france", "spider_legs", "boiling_point", "largest_planet"]
+    # The four questions end at the same moment (each padded at the front to the longest), so
+    # their requests reach the engine together on any machine: left as recorded, they ended up
+    # to 0.3 s apart, and an engine that answers in less than that would never batch them.
+    ends = {name: speech_span(ASSETS / "questions" / f"{name}.wav")[1] for name in names}
 
     async def one(server: Server, name: str) -> RemoteSession:
         wav = ASSETS / "questions" / f"{name}.wav"
         session = await RemoteSession.open(server.ws_url, client=f"test-{name}")
-        await session.stream(load_pcm(wav))
+        lead = np.zeros(int(round((max(ends.values()) - ends[name]) * 16000)), np.int16)
+        await session.stream(np.concatenate([lead, load_pcm(wav)]))
         await session.end_input()
         await session.wait_closed(90)
         return session

@@ -5,7 +5,9 @@ project runs a newer one), started by tests/test_realtime.py as
 ``sdk_client.py PLAN_JSON``. It plays one scenario against the server and
 prints one JSON line per thing that happened: ``{"t", "in": event}`` for
 every server event as received (raw, for the test to validate), ``{"t",
-"mark": name}`` for what the client did. Audio files are raw PCM16 at 24 kHz.
+"mark": name}`` for what the client did, and ``{"mark": "speech_end",
+"sent_t"}``: when the client sent the sample the server says the speech
+ended at. Audio files are raw PCM16 at 24 kHz.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ class Client:
         self.changed = asyncio.Event()
         self.queue = bytearray()
         self.mic_on = False
+        self.sent_at: list[float] = []  # when each 40 ms chunk of the input stream was sent
+
+    def sent_time(self, ms: int) -> float | None:
+        """When the client sent the input's sample at ``ms`` (from its first appended sample)."""
+        index = ms // 40
+        return self.sent_at[index] if 0 <= index < len(self.sent_at) else None
 
     async def read(self) -> None:
         while True:
@@ -41,6 +49,10 @@ class Client:
             event = json.loads(raw)
             self.conn.parse_event(raw)  # the SDK's own parsing must take it too
             log(**{"in": event})
+            if event["type"] == "input_audio_buffer.speech_stopped":
+                # Where the server heard the last voiced sample, on this client's clock
+                # (what the browser client measures its voice to voice from).
+                log(mark="speech_end", audio_end_ms=event["audio_end_ms"], sent_t=self.sent_time(event["audio_end_ms"]))
             self.events.append(event)
             self.changed.set()
 
@@ -71,6 +83,7 @@ class Client:
                 voiced = bool(self.queue)
                 chunk = bytes(self.queue[:CHUNK]) if voiced else SILENCE
                 del self.queue[:CHUNK]
+                self.sent_at.append(time.monotonic())
                 await self.conn.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(chunk).decode()})
                 if voiced and not self.queue:
                     log(mark="clip_end")
