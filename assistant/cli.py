@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return bench(args, config)
         if args.command == "serve":
-            from .server.server import serve
+            from .server.serve import serve
 
             return serve(args, config)
         if args.command == "wyoming":
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return engine_command(args, config)
         if args.command == "client":
-            from .server.client import client
+            from .client import client
 
             return client(args, config.audio.max_input_seconds)
         if args.command == "scenarios":
@@ -250,7 +250,7 @@ def _count_turns(pcm: Any, config: Any) -> int:
     from audio.framing import file_source
     from pipeline.vad import SileroOpinion, count_turns
 
-    from .session import vad_settings
+    from .components import vad_settings
 
     silero = SileroOpinion().max_probability if config.vad.silero.enabled else None
     frames = file_source(pcm, config.audio.input_rate, config.audio.frame_ms, realtime=False)

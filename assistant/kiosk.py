@@ -151,7 +151,7 @@ async def _kiosk(
     wake_phrase = spoken(k.wake_word)
 
     def busy() -> bool:
-        return session.pipeline.vad.in_speech or not session.controller.idle
+        return session.busy
 
     def on_wake() -> None:
         telemetry.wake_detections.inc()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,14 +33,9 @@ from pipeline.runtime import DeadlineExecutor
 
 from .config import Config
 from .errors import ModelError
+from .loading import Progress, print_progress, require_module
 
 log = logging.getLogger("assistant.models")
-
-Progress = Callable[[str], None]
-
-
-def print_progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _package_dir(module: str, distribution: str, install: str) -> Path:
@@ -104,11 +98,6 @@ def load_smart_turn(config: Config) -> Any:
     return SmartTurn(*smart_turn_files(), threads=config.vad.smart_turn.threads)
 
 
-def require_module(module: str, install: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise ModelError(f"the {module} module is not installed: {install}")
-
-
 def load_whisper(config: Config) -> Any:
     require_module("faster_whisper", "pip install faster-whisper")
     from faster_whisper import WhisperModel
@@ -163,11 +152,11 @@ class Models:
         if key not in self.phrases:
             import numpy as np
 
-            from pipeline.tts import PiperSynthesizer
-
             from audio.resample import Resampler
 
-            synth = PiperSynthesizer(self.piper, self.config.tts.length_scale)
+            from .components import synthesizer_of
+
+            synth = synthesizer_of(self.piper, self.config)
             pcm = np.concatenate(list(synth.synthesize(text)))
             resampler = Resampler(synth.sample_rate, rate)
             self.phrases[key] = np.concatenate([resampler.process(pcm), resampler.flush()])

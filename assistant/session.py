@@ -1,17 +1,24 @@
-"""One conversation: a pipeline of stages over the shared models.
+"""One conversation: a pipeline of stages over the shared models, and the verbs a face may use.
 
 A :class:`Session` owns everything per-conversation (the pipeline built by
-:func:`pipeline.builder.build_pipeline` with its turn controller and
-history, the report) and borrows the models from
-:class:`~assistant.models.Models`. This module maps the config onto the
-pipeline's typed settings (:func:`pipeline_settings`) and the loaded models
-onto its components (:func:`components_of`). Audio comes from any async iterator of
-:class:`~pipeline.frames.AudioFrame` (a file at real-time pace, a
-microphone, later a websocket) and reply audio goes to an
+:func:`pipeline.builder.build_pipeline` from :mod:`assistant.components`,
+with its turn controller and history, the report) and borrows the models
+from :class:`~assistant.models.Models`. Audio comes either from an async
+iterator of :class:`~pipeline.frames.AudioFrame` (a file at real-time pace,
+a microphone) given to :meth:`Session.run`, or from a client through
+:meth:`Session.feed`; reply audio goes to an
 :class:`~pipeline.playback.AudioOutput`.
 
-:class:`TurnReport` turns the bus events into the per-turn milestones and
-latencies written to REPORT.json.
+A face (a wire protocol, :mod:`assistant.server`) talks to a conversation
+only through the verbs below, never to a stage or the turn controller:
+feed and end input, hold it for a manual turn and commit or clear that,
+add, remove, read and truncate a message, respond, stop a reply, report
+what the client played, set the instructions. Each verb is one call into
+the controller (where every rule about turns lives) or the input; none
+waits.
+
+:class:`~pipeline.report.TurnReport` turns the bus events into the per-turn
+milestones and latencies written to REPORT.json.
 """
 
 from __future__ import annotations
@@ -19,18 +26,22 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from pipeline.asr import ASRStage, WhisperTranscriber
-from pipeline.builder import ASRSettings, ChunkerSettings, Components, HistorySettings, PipelineSettings, build_pipeline
+import numpy as np
+
+from audio.framing import StreamFramer
+from audio.resample import Resampler
+from pipeline.asr import ASRStage
+from pipeline.builder import build_pipeline
 from pipeline.frames import AudioFrame, now
 from pipeline.playback import AudioOutput, PlaybackStage
 from pipeline.report import TurnReport
-from pipeline.runtime import EventBus, PipelineContext, Stage, Watchdog, budgets_of
-from pipeline.tts import PiperSynthesizer, TTSStage
-from pipeline.turns import Conversation, EndpointRule, TurnController, TurnSettings
-from pipeline.vad import VADSettings
+from pipeline.runtime import Channel, EventBus, PipelineContext, Stage, Watchdog
+from pipeline.tts import TTSStage
+from pipeline.turns import Conversation, TurnController
 
+from .components import components_of, pipeline_settings
 from .config import Config
 from .models import Models
 
@@ -41,92 +52,101 @@ log = logging.getLogger("assistant.session")
 
 _session_ids = itertools.count(1)
 
+LIVE_TURNS_KEPT: Final = 100
+"""Closed turns a long-lived session's report holds (a kiosk runs for weeks)."""
+
+INPUT_QUEUE_FRAMES: Final = 500
+"""Fed audio waiting for the VAD: 10 s of 20 ms frames; the oldest are dropped beyond."""
+
+
+# --------------------------------------------------------------------------
+# Fed input
+# --------------------------------------------------------------------------
+
+
+class _End:
+    """The input's end marker in its queue."""
+
+
+_END: Final = _End()
+
+
+class FedInput:
+    """Audio a client feeds: resampled to the pipeline's rate once, then cut into
+    numbered frames for the VAD, or held whole while the client ends its turns
+    itself (a manual turn, committed as one buffer).
+
+    Each frame is stamped with the arrival of the data that completed it: for a
+    client that is the capture time as this process sees it.
+    """
+
+    def __init__(self, rate: int, pipeline_rate: int, frame_ms: int) -> None:
+        self.rate = rate
+        self.pipeline_rate = pipeline_rate
+        self._resampler = Resampler(rate, pipeline_rate)
+        self._framer = StreamFramer(pipeline_rate, frame_ms)
+        self._queue: Channel[AudioFrame | _End] = Channel("session.input", maxsize=INPUT_QUEUE_FRAMES)
+        self._held: list[np.ndarray] | None = None  # None: fed audio goes to the VAD
+        self.ended = False
+
+    def feed(self, pcm: np.ndarray, arrived: float) -> None:
+        if self.ended:
+            return
+        out = self._resampler.process(pcm)
+        if self._held is not None:
+            self._held.append(out)
+        else:
+            self._frame(out, arrived)
+
+    def _frame(self, pcm: np.ndarray, arrived: float) -> None:
+        for frame in self._framer.push(pcm, arrived):
+            self._queue.put_nowait(frame)
+
+    def end(self) -> None:
+        """No more audio: the last partial frame is padded and the frames end."""
+        if self.ended:
+            return
+        self.ended = True
+        at = now()
+        if self._held is None:
+            self._frame(self._resampler.flush(), at)
+        for frame in self._framer.end(at):
+            self._queue.put_nowait(frame)
+        self._queue.put_nowait(_END)
+
+    async def frames(self) -> AsyncIterator[AudioFrame]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, _End):
+                return
+            yield item
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
+
+    def hold(self, held: bool) -> None:
+        """Hold fed audio for a commit (True), or frame it for the VAD again (False); either way what is held goes."""
+        self._held = [] if held else None
+
+    def take(self) -> np.ndarray:
+        """What is held, whole (the resampler's tail included); the buffer starts again empty."""
+        if self._held is None:
+            return np.zeros(0, np.int16)
+        self._held.append(self._resampler.flush())
+        pcm = np.concatenate(self._held) if self._held else np.zeros(0, np.int16)
+        self._held = []
+        return pcm
+
+    def clear(self) -> None:
+        if self._held is not None:
+            self._held = []
+        self._resampler.reset()
+
 
 # --------------------------------------------------------------------------
 # Session
 # --------------------------------------------------------------------------
-
-
-def vad_settings(config: Config, with_silero: bool) -> VADSettings:
-    """The VAD's settings from the config (one place for every user of it)."""
-    v = config.vad
-    b = config.barge_in
-    return VADSettings(
-        barge_in=b.enabled,
-        barge_in_min_speech_ms=b.min_speech_ms,
-        barge_in_silero_threshold=b.silero_threshold if with_silero else None,
-        barge_in_min_rms_dbfs=b.min_rms_dbfs,
-        frame_ms=config.audio.frame_ms,
-        aggressiveness=v.aggressiveness,
-        min_speech_ms=v.min_speech_ms,
-        silence_ms=v.silence_ms,
-        pause_ms=v.pause_ms,
-        preroll_ms=v.preroll_ms,
-        max_utterance_s=v.max_utterance_s,
-        silero_threshold=v.silero.threshold if with_silero else None,
-    )
-
-
-def pipeline_settings(
-    config: Config, realtime: bool = True, with_silero: bool = True, with_smart_turn: bool = False
-) -> PipelineSettings:
-    """The config, as the typed settings the pipeline is built from."""
-    a = config.asr
-    c = config.chunker
-    return PipelineSettings(
-        vad=vad_settings(config, with_silero),
-        asr=ASRSettings(
-            sample_rate=config.audio.input_rate,
-            partial_interval_ms=a.partial_interval_ms,
-            min_partial_audio_ms=a.min_partial_audio_ms,
-        ),
-        chunker=ChunkerSettings(
-            first_min_words=c.first_min_words,
-            first_max_words=c.first_max_words,
-            min_words=c.min_words,
-            max_words=c.max_words,
-        ),
-        output_rate=config.audio.output_rate,
-        error_reply=config.llm.error_phrase,
-        history=HistorySettings(config.llm.system_prompt, config.llm.history_tokens),
-        turns=TurnSettings(
-            endpoint=EndpointRule(
-                config.vad.complete_silence_ms,
-                config.vad.incomplete_silence_ms,
-                semantic_ms=config.vad.smart_turn.complete_silence_ms if with_smart_turn else None,
-                semantic_threshold=config.vad.smart_turn.threshold,
-            ),
-            early_reply=a.final_at_pause,
-            realtime=realtime,
-            barge_in=config.barge_in.enabled,
-            # the VAD's hangover plus the pause decode's usual lateness on a slow CPU
-            await_words_ms=min(config.vad.incomplete_silence_ms, config.vad.silence_ms + 300),
-            acknowledgement=config.budgets.acknowledgement,
-            apology=config.budgets.apology,
-        ),
-        budgets=tuple(budgets_of(config)),
-    )
-
-
-def components_of(models: Models, config: Config) -> Components:
-    """The loaded models as the pipeline's components."""
-    a = config.asr
-    rate = config.audio.output_rate
-    return Components(
-        transcriber=WhisperTranscriber(models.whisper, beam_size=a.beam_size, language=a.language, window_s=a.window_s),
-        llm=models.llm,
-        synthesizer=PiperSynthesizer(models.piper, config.tts.length_scale),
-        asr_executor=models.asr_executor,
-        tts_executor=models.tts_executor,
-        silero=models.silero.probabilities if models.silero is not None else None,
-        turn_scorer=models.smart_turn,
-        turn_executor=models.turn_executor,
-        phrase=lambda text: models.phrase(text, rate),
-    )
-
-
-LIVE_TURNS_KEPT = 100
-"""Closed turns a long-lived session's report holds (a kiosk runs for weeks)."""
 
 
 class Session:
@@ -141,9 +161,11 @@ class Session:
         realtime: bool = True,
         echo_canceller: EchoCanceller | None = None,
         keep_turns: int | None = None,
+        input_rate: int | None = None,
     ) -> None:
         """``keep_turns``: how many closed turns the report holds (None: all,
-        for a file's report; live runs bound it, see TurnReport)."""
+        for a file's report; live runs bound it, see TurnReport).
+        ``input_rate``: the rate of audio given to :meth:`feed` (None: the pipeline's)."""
         self.id = session_id or f"s{next(_session_ids)}"
         # False for input fed faster than real time: its clock is
         # compressed, so budgets are still measured and reported but their
@@ -161,11 +183,14 @@ class Session:
             config, realtime, with_silero=models.silero is not None, with_smart_turn=models.smart_turn is not None
         )
         self.pipeline = build_pipeline(components_of(models, config), settings, output, self.id)
+        self.input = FedInput(input_rate or config.audio.input_rate, config.audio.input_rate, config.audio.frame_ms)
         self.origin = now()
         self.report = TurnReport(
             self.bus, self.origin, config.audio.output_rate, self.watchdog, keep=keep_turns,
             input_rate=config.audio.input_rate,
         )
+
+    # ---- the parts, for the programs that run a session in-process --------
 
     @property
     def ctx(self) -> PipelineContext:
@@ -203,10 +228,102 @@ class Session:
     def playback(self) -> PlaybackStage:
         return self.pipeline.playback
 
+    @property
+    def busy(self) -> bool:
+        """Someone is speaking or a turn is open (a kiosk does not sleep then)."""
+        return self.pipeline.vad.in_speech or not self.controller.idle
+
+    async def run(self, source: AsyncIterator[AudioFrame] | None = None) -> None:
+        """Feed the source (None: what :meth:`feed` gives) through the pipeline;
+        return when every turn is done."""
+        canceller = self.echo_canceller
+        frames = source if source is not None else self.input.frames()
+        await self.pipeline.run(frames, preprocess=canceller.process if canceller is not None else None)
+
+    # ---- verbs: input ------------------------------------------------------
+
+    def feed(self, pcm: np.ndarray, arrived: float | None = None) -> None:
+        """PCM16 from a client at the session's input rate, ``arrived`` when it came."""
+        self.input.feed(pcm, now() if arrived is None else arrived)
+
+    def end_input(self) -> None:
+        """No more audio will be fed: turns under way finish, then :meth:`run` returns."""
+        self.input.end()
+
+    @property
+    def input_ended(self) -> bool:
+        return self.input.ended
+
+    def hold_input(self, held: bool) -> None:
+        """True: the client ends its turns itself, fed audio is held for :meth:`commit_input`
+        (no VAD hears it); False: the VAD hears it again. What was held is dropped."""
+        self.input.hold(held)
+
+    def commit_input(self, min_ms: float = 0.0) -> int | None:
+        """The held audio becomes the user's turn (its words reach the history when
+        recognition has them); its turn id, or None when it held less than ``min_ms``."""
+        pcm = self.input.take()
+        if len(pcm) * 1000 < min_ms * self.input.pipeline_rate:
+            return None
+        turn_id = self.open_turn()
+        self.controller.transcribe(turn_id, pcm)
+        return turn_id
+
+    def clear_input(self) -> None:
+        """Drop the held audio."""
+        self.input.clear()
+
+    # ---- verbs: the conversation ------------------------------------------
+
+    def open_turn(self) -> int:
+        """A turn with no speech of its own (a text message, a reply asked for)."""
+        return self.ctx.turns.new().id
+
+    def add_message(self, role: str, text: str) -> int:
+        """A message the client puts into the history itself, settled at once; its turn id."""
+        turn_id = self.open_turn()
+        if role == "user":
+            self.controller.add_message(turn_id, user=text)
+        else:
+            self.controller.add_message(turn_id, reply=text)
+        return turn_id
+
+    def remove_message(self, turn_id: int, role: str) -> bool:
+        return self.controller.remove_message(turn_id, role)
+
+    def message(self, turn_id: int, role: str) -> str | None:
+        """What the history holds now of one side of a turn (None: nothing)."""
+        return self.conversation.said(turn_id, role)
+
+    def truncate(self, turn_id: int, heard: str) -> bool:
+        """The client played only ``heard`` of a settled reply: the history keeps that."""
+        return self.controller.truncate(turn_id, heard)
+
+    def respond(self) -> int:
+        """A reply to what the history holds now (after the words of any buffer
+        committed before); its turn id. It plays as soon as the floor is free."""
+        turn_id = self.open_turn()
+        self.controller.respond(turn_id)
+        return turn_id
+
+    def stop_reply(self, turn_id: int, reason: str) -> None:
+        """Stop the turn's reply now; the history keeps what was played of it."""
+        self.controller.stop_reply(turn_id, reason)
+
+    def playing(self, turn_id: int) -> bool:
+        """Whether the turn's reply has begun to play."""
+        return self.playback.has_started(turn_id)
+
+    def played(self, turn_id: int, samples: int) -> None:
+        """The client has played ``samples`` of the turn's reply (at its own rate):
+        a barge-in then cuts the history where it really was."""
+        report = getattr(self.output, "report_position", None)
+        if report is not None:
+            report(turn_id, samples)
+
+    def set_instructions(self, text: str | None) -> None:
+        """The system prompt of every reply from now on (None: the configured one)."""
+        self.controller.set_instructions(text or self.config.llm.system_prompt)
+
     def cancel_turn(self, turn_id: int, reason: str = "cancelled") -> bool:
         return self.ctx.cancel_turn(turn_id, reason)
-
-    async def run(self, source: AsyncIterator[AudioFrame]) -> None:
-        """Feed the source through the pipeline; return when every turn is done."""
-        canceller = self.echo_canceller
-        await self.pipeline.run(source, preprocess=canceller.process if canceller is not None else None)

@@ -45,6 +45,7 @@ import numpy as np
 
 from .frames import (
     AudioFrame,
+    BufferTranscribed,
     SpeechPaused,
     SpeechResumed,
     SpeechStarted,
@@ -53,6 +54,7 @@ from .frames import (
     TranscriptEmpty,
     TranscriptFinal,
     TranscriptPartial,
+    TranscribeRequest,
     TurnEndScored,
 )
 from .runtime import RECENT_TIMINGS, PipelineContext, Stage, run_blocking
@@ -214,6 +216,55 @@ def agreed_prefix(previous: list[str], current: list[str]) -> int:
     return n
 
 
+class Hypothesis:
+    """One streaming partial hypothesis of a growing utterance: when it is due
+    another decode, and the words it has committed.
+
+    A decode is due once the utterance holds ``min_partial_audio_ms`` of
+    audio, ``partial_interval_ms`` of wall time after the last one began, and
+    none is running (one at a time). Words that two decodes in a row agree on
+    are committed (LocalAgreement-2) and never change. The ASR stage keeps one
+    per utterance, and so does the Wyoming face for a ``transcribe`` request.
+    """
+
+    def __init__(
+        self, sample_rate: int = 16000, partial_interval_ms: int = 450, min_partial_audio_ms: int = 400,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._interval = partial_interval_ms / 1000
+        self._min_samples = int(min_partial_audio_ms * sample_rate / 1000)
+        self._clock = clock
+        self.committed: list[str] = []
+        self.previous: list[str] = []  # the last decode's words
+        self.last_started = 0.0  # when the last decode began (the clock's time)
+
+    def due(self, samples: int, running: bool) -> bool:
+        """Whether an utterance of ``samples`` should be decoded again now."""
+        return samples >= self._min_samples and not running and self._clock() - self.last_started >= self._interval
+
+    def started(self) -> float:
+        """A decode begins now; returns when."""
+        self.last_started = self._clock()
+        return self.last_started
+
+    def update(self, words: list[str]) -> list[str]:
+        """A decode's words: the ones it commits (often none)."""
+        agreed = agreed_prefix(self.previous, words)
+        self.previous = words
+        n = len(self.committed)
+        if agreed > n and agreed_prefix(self.committed, words) == n:
+            new = words[n:agreed]
+            self.committed = self.committed + new
+            return new
+        return []
+
+    def rest(self, words: list[str]) -> list[str]:
+        """The final decode's words after the committed ones, where it agrees with
+        them (where it does not, only the final transcript has the right text)."""
+        n = len(self.committed)
+        return words[n:] if agreed_prefix(self.committed, words) == n else []
+
+
 @dataclass
 class _Decode:
     """One decode of the utterance buffer, possibly still running."""
@@ -227,16 +278,14 @@ class _Decode:
 @dataclass
 class _Utterance:
     turn_id: int
+    hypothesis: Hypothesis
     chunks: list[np.ndarray] = field(default_factory=list)
     samples: int = 0
     audio_end_at: float = 0.0
-    committed: list[str] = field(default_factory=list)
-    previous: list[str] = field(default_factory=list)
     latest: _Decode | None = None
     latest_text: str | None = None
     latest_covers: float = -1.0
     scoring: asyncio.Task[float] | None = None  # the semantic model at the pause
-    last_decode_started: float = 0.0
     decodes: int = 0
     paused_at_voiced: float | None = None  # last voiced stamp while paused
 
@@ -280,9 +329,7 @@ class ASRStage(Stage):
         self._scorer = turn_scorer  # P(complete) of the utterance's audio, or None
         self._scorer_executor = scorer_executor
         self._rate = sample_rate
-        self._interval = partial_interval_ms / 1000
-        self._min_samples = int(min_partial_audio_ms * sample_rate / 1000)
-        self._clock = clock
+        self._partials = (sample_rate, partial_interval_ms, min_partial_audio_ms, clock)
         self._utt: _Utterance | None = None
         self._final_chain: asyncio.Task[None] | None = None
         self._finalizing: dict[int, _Utterance] = {}
@@ -291,14 +338,9 @@ class ASRStage(Stage):
         # lives for weeks, so only the last ones are kept).
         self.decode_ms: deque[float] = deque(maxlen=RECENT_TIMINGS)
 
-    async def transcribe(self, pcm: np.ndarray) -> str:
-        """A whole utterance outside the turn flow (a realtime client that
-        commits its audio buffer itself), on the same model and executor."""
-        return await run_blocking(self._executor, self._transcribe, pcm.astype(np.float32) / 32768.0)
-
     async def handle(self, item: Any) -> None:
         if isinstance(item, SpeechStarted):
-            self._utt = _Utterance(item.turn_id or 0)
+            self._utt = _Utterance(item.turn_id or 0, Hypothesis(*self._partials))
             for frame in item.preroll:
                 self._utt.add(frame)
         elif isinstance(item, AudioFrame):
@@ -306,13 +348,11 @@ class ASRStage(Stage):
             if utt is None or item.turn_id != utt.turn_id:
                 return
             utt.add(item)
-            if (
-                utt.samples >= self._min_samples
-                and self._clock() - utt.last_decode_started >= self._interval
-                and (utt.latest is None or utt.latest.task.done())
-                and not self._heard_everything(utt)
-            ):
+            running = utt.latest is not None and not utt.latest.task.done()
+            if utt.hypothesis.due(utt.samples, running) and not self._heard_everything(utt):
                 self._start_decode(utt)
+        elif isinstance(item, TranscribeRequest):
+            await self._transcribe_whole(item)
         elif isinstance(item, SpeechResumed):
             utt = self._utt
             if utt is not None and item.turn_id == utt.turn_id:
@@ -347,9 +387,8 @@ class ASRStage(Stage):
         paused = utt.paused_at_voiced
         deadline = paused if paused is not None else utt.audio_end_at + self.partial_slack_s
         task = asyncio.create_task(self._decode(utt.audio(samples), deadline))
-        decode = _Decode(task, samples, utt.audio_end_at, self._clock())
+        decode = _Decode(task, samples, utt.audio_end_at, utt.hypothesis.started())
         utt.latest = decode
-        utt.last_decode_started = decode.started_at
         utt.decodes += 1
         turn = self.ctx.turns.get(utt.turn_id)
         if turn is not None:
@@ -399,21 +438,17 @@ class ASRStage(Stage):
             utt.latest_text = text
             utt.latest_covers = decode.audio_end_at
         words = text.split()
-        # LocalAgreement-2: words two hypotheses in a row agree on are
-        # committed, and committed words never change (the final transcript
-        # is decoded afresh, so an early mistake here does not reach it).
-        agreed = agreed_prefix(utt.previous, words)
-        n = len(utt.committed)
-        if agreed > n and agreed_prefix(utt.committed, words) == n:
-            utt.committed = utt.committed + words[n:agreed]
-        utt.previous = words
+        # Committed words never change (the final transcript is decoded
+        # afresh, so an early mistake here does not reach it).
+        utt.hypothesis.update(words)
+        committed = utt.hypothesis.committed
         if self._utt is utt:  # still speaking: tell the turn controller
             paused = utt.paused_at_voiced
             self.publish(
                 TranscriptPartial(
                     turn_id=utt.turn_id,
-                    stable=" ".join(utt.committed),
-                    unstable=" ".join(words[len(utt.committed) :]),
+                    stable=" ".join(committed),
+                    unstable=" ".join(words[len(committed) :]),
                     # This decode heard all the user said before the pause.
                     covers_pause=paused is not None and decode.audio_end_at >= paused,
                 )
@@ -479,6 +514,12 @@ class ASRStage(Stage):
         if latest is not None and not latest.task.done():
             await asyncio.wait({latest.task})  # one decode at a time
         return await self._decode(utt.audio(utt.samples), stopped.last_voiced_at), False
+
+    async def _transcribe_whole(self, request: TranscribeRequest) -> None:
+        """A buffer the client committed itself (manual turns): its words, at once."""
+        audio = request.pcm.astype(np.float32) / 32768.0
+        text = (await self._decode(audio)).strip()
+        self.publish(BufferTranscribed(turn_id=request.turn_id, text=text, audio_s=len(audio) / self._rate))
 
     async def finish(self) -> None:
         if self._final_chain is not None and not self._final_chain.done():

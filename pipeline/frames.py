@@ -9,7 +9,7 @@ Two kinds of object travel through the pipeline:
   final, the first token arrived...). Every event carries the monotonic time
   it was produced (``at``) and the turn it belongs to. Events are known by
   their class; what a websocket client calls them (and which it sees at
-  all) is the protocol's business: ``assistant/server/protocol.py``.
+  all) is each face's business (``assistant/server/``: ``v1/codec.py``, ``realtime/state.py``).
 
 A *turn* is one user utterance plus the assistant's reply to it; its id is
 assigned by the VAD when speech opens, and every frame or event that belongs
@@ -40,6 +40,8 @@ __all__ = [
     "TranscriptFinal",
     "TranscriptEmpty",
     "ReplyRequest",
+    "TranscribeRequest",
+    "BufferTranscribed",
     "LLMToken",
     "LLMDone",
     "TextChunk",
@@ -84,6 +86,16 @@ class ReplyRequest:
 
     turn_id: int
     text: str
+
+
+@dataclass(slots=True)
+class TranscribeRequest:
+    """A command from the turn controller to the speech recognition stage:
+    transcribe this whole buffer (a client that ends its turns itself
+    committed it; no VAD saw it)."""
+
+    turn_id: int
+    pcm: np.ndarray  # int16 at the pipeline's input rate
 
 
 # --------------------------------------------------------------------------
@@ -187,6 +199,14 @@ class TranscriptFinal(Event):
     forced: bool = False  # committed early by the ASR budget's policy
     speculative: bool = False  # sent at the pause, before the turn ended
     decode_ms: float = 0.0
+
+
+@dataclass(slots=True, kw_only=True)
+class BufferTranscribed(Event):
+    """The words of a committed buffer (:class:`TranscribeRequest`); empty when none were heard."""
+
+    text: str
+    audio_s: float
 
 
 @dataclass(slots=True, kw_only=True)
@@ -327,4 +347,4 @@ class EndOfStream:
 
 END = EndOfStream()
 
-Frame = AudioFrame | TTSAudio | ReplyRequest | Event | EndOfStream
+Frame = AudioFrame | TTSAudio | ReplyRequest | TranscribeRequest | Event | EndOfStream

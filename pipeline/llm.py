@@ -22,6 +22,10 @@ of digits outlasted the turn's 20 s cap) is stopped where the loop shows
 (:func:`runaway`), with ``finish_reason`` "repetition": what was written is
 spoken, the request is aborted.
 
+Every reply, a session's and the Wyoming conversation agent's, goes through
+one loop, :class:`ReplyStream`: the runaway guard, the abort, the error
+phrase.
+
 The prompt comes from the session's conversation history
 (:class:`pipeline.turns.Conversation`), which only the turn controller
 writes; the stage reads it when it starts on a request, so a reply written
@@ -32,7 +36,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
 from typing import Any, Protocol
 
 from .frames import LLMDone, LLMToken, ReplyRequest, StageError
@@ -78,6 +83,94 @@ class LanguageModel(Protocol):
     def count_tokens(self, text: str) -> int: ...
 
 
+class ReplyStream:
+    """One reply streamed from the engine: the loop every reply goes through.
+
+    Use it as ``async with ReplyStream(...) as reply: async for delta in reply``.
+    It yields the reply's text deltas. A reply that falls into a loop
+    (:func:`runaway`) ends there with ``finish_reason`` "repetition". An
+    engine that fails ends it with ``failure`` (a sentence), ``on_failure``
+    called with it, and ``error_reply`` yielded as the last delta. Leaving
+    the block always closes the engine's stream and, unless the reply
+    finished, aborts its request: a consumer cancelled or gone mid-reply
+    leaves nothing running.
+    """
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        messages: list[dict[str, str]],
+        request_id: str,
+        session_id: str = "",
+        error_reply: str = "",
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.request_id = request_id
+        self.error_reply = error_reply
+        self.on_failure = on_failure
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.failure: str | None = None
+        self._finished = False
+        self._stream = model.stream(messages, request_id, session_id)
+        self._deltas_gen: Any = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts).strip()
+
+    async def __aenter__(self) -> ReplyStream:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._deltas_gen is not None:
+            await self._deltas_gen.aclose()
+        close = getattr(self._stream, "aclose", None)
+        if close is not None:
+            await close()  # at once, not whenever the generator is collected
+        if not self._finished:  # cancelled, stopped or failed: no request left running
+            await self.model.abort(self.request_id)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        self._deltas_gen = self._deltas()
+        return self._deltas_gen
+
+    async def _deltas(self) -> AsyncIterator[str]:
+        written = ""
+        try:
+            async for delta, reason in self._stream:
+                if delta:
+                    self.parts.append(delta)
+                    yield delta
+                    written = (written + delta)[-RUNAWAY_WINDOW:]
+                    if runaway(written):
+                        self.finish_reason = "repetition"
+                        log.warning("%s: the reply fell into a loop after %d tokens; stopped",
+                                    self.request_id, len(self.parts))
+                        return  # not finished: the request is aborted on exit
+                if reason is not None:
+                    self.finish_reason = reason
+        except EngineUnavailable as exc:
+            failure = str(exc)
+            log.warning("%s: %s", self.request_id, failure)
+        except Exception as exc:  # the engine broke mid-reply: whoever asked goes on
+            failure = f"the language model failed: {type(exc).__name__}: {exc}"
+            log.error("%s: %s", self.request_id, failure, exc_info=exc)
+        else:
+            self._finished = True
+            return
+        self.failure, self.finish_reason = failure, "error"
+        if self.on_failure is not None:
+            self.on_failure(failure)
+        if self.error_reply:
+            phrase = (" " if self.parts else "") + self.error_reply
+            self.parts.append(phrase)
+            yield phrase
+
+
 class PromptSource(Protocol):
     """Where the stage reads a turn's prompt (the turn controller's history)."""
 
@@ -110,46 +203,14 @@ class LLMStage(Stage):
             await self.send(item)
             return
         turn_id = item.turn_id
+
+        def failed(why: str) -> None:
+            self.publish(StageError(turn_id=turn_id, stage=self.name, message=why))
+
         request_id = f"{self.session_id}-t{turn_id}-{next(self._ids)}"
-        parts: list[str] = []
-        finish: str | None = None
-        finished = False
-        failure: str | None = None
-        index = 0
-        stream = self.model.stream(self.history.messages(upto=turn_id), request_id, self.session_id)
-        written = ""
-        try:
-            async for delta, reason in stream:
-                if delta:
-                    parts.append(delta)
-                    await self.send(LLMToken(turn_id=turn_id, text=delta, index=index))
-                    index += 1
-                    written = (written + delta)[-RUNAWAY_WINDOW:]
-                    if runaway(written):
-                        finish = "repetition"
-                        log.warning("turn %d: the reply fell into a loop after %d tokens; stopped", turn_id, index)
-                        break  # not finished: the request is aborted below
-                if reason is not None:
-                    finish = reason
-            else:
-                finished = True
-        except EngineUnavailable as exc:
-            failure = str(exc)
-            log.warning("turn %d: %s", turn_id, failure)
-        except Exception as exc:  # the engine broke mid-turn: the session goes on
-            failure = f"the language model failed: {type(exc).__name__}: {exc}"
-            log.error("turn %d: %s", turn_id, failure, exc_info=exc)
-        finally:
-            await stream.aclose()  # at once, not whenever the generator is collected
-            if not finished:  # cancelled or failed: make sure no request is left running
-                await self.model.abort(request_id)
-        if failure is not None:
-            self.publish(StageError(turn_id=turn_id, stage=self.name, message=failure))
-            if self.error_reply:
-                text = (" " if parts else "") + self.error_reply
-                parts.append(text)
-                await self.send(LLMToken(turn_id=turn_id, text=text, index=index))
-                index += 1
-            finish = "error"
-        reply = "".join(parts).strip()
-        await self.send(LLMDone(turn_id=turn_id, text=reply, tokens=index, finish_reason=finish))
+        messages = self.history.messages(upto=turn_id)
+        async with ReplyStream(self.model, messages, request_id, self.session_id, self.error_reply, failed) as reply:
+            async for delta in reply:
+                await self.send(LLMToken(turn_id=turn_id, text=delta, index=len(reply.parts) - 1))
+        await self.send(LLMDone(turn_id=turn_id, text=reply.text, tokens=len(reply.parts),
+                                finish_reason=reply.finish_reason))

@@ -15,6 +15,7 @@ from typing import Any
 
 from .frames import (
     BudgetExceeded,
+    BufferTranscribed,
     Event,
     LLMDone,
     LLMToken,
@@ -136,6 +137,8 @@ class TurnReport:
                 t.transcript = event.text
                 t.asr_final_reused = event.reused
                 t.asr_final_forced = event.forced
+            case BufferTranscribed():
+                t.transcript = event.text
             case LLMToken():
                 t.llm_tokens += 1
                 t.written.append(event.text)

@@ -418,17 +418,6 @@ class Budget:
     policy: str = "log"
 
 
-def budgets_of(config: Any) -> list[Budget]:
-    """The configured budgets (a budget of 0 ms is none).
-
-    ``config.budgets`` holds ``<span>_ms`` and ``policies.<span>`` for each
-    budgeted span (``assistant.config.BudgetsConfig``).
-    """
-    b = config.budgets
-    budgets = [Budget(span, getattr(b, f"{span}_ms"), getattr(b.policies, span)) for span in BUDGETED]
-    return [budget for budget in budgets if budget.ms > 0]
-
-
 class Watchdog:
     """Enforces per-stage budgets while a turn runs.
 

@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from assistant.server.client import RemoteSession  # noqa: E402
+from assistant.client import RemoteSession  # noqa: E402
 from audio.files import read_wav  # noqa: E402
 from pipeline.metrics import percentile  # noqa: E402
 
@@ -101,7 +101,7 @@ def _ms(seconds: float | None) -> float | None:
 async def in_process(args: argparse.Namespace, questions: list[np.ndarray]) -> list[dict[str, Any]]:
     from assistant.config import load_config
     from assistant.models import load_models
-    from assistant.server.server import Server
+    from assistant.server.listener import Server
 
     config = load_config(args.config, args.set)
     models = load_models(config)

@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from assistant.server.client import RemoteSession  # noqa: E402
+from assistant.client import RemoteSession  # noqa: E402
 from audio.files import read_wav  # noqa: E402
 from pipeline.metrics import percentile  # noqa: E402
 
@@ -85,7 +85,7 @@ async def victim(url: str, questions: list[np.ndarray]) -> tuple[list[float], st
     """The other user's voice-to-voice per completed turn, and how its session ended."""
     from websockets.exceptions import ConnectionClosed
 
-    from assistant.server.client import ClientError
+    from assistant.client import ClientError
 
     try:
         session = await RemoteSession.open(url, client="victim")
@@ -131,7 +131,7 @@ async def phase(server: Any, flood: str, frames: int, questions: list[np.ndarray
 async def measure(args: argparse.Namespace, questions: list[np.ndarray]) -> dict[str, dict[str, Any]]:
     from assistant.config import load_config
     from assistant.models import load_models
-    from assistant.server.server import Server
+    from assistant.server.listener import Server
 
     config = load_config(args.config, args.set)
     models = load_models(config)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -145,28 +144,21 @@ def test_file_source_refuses_float_pcm() -> None:
 
 
 # --------------------------------------------------------------------------
-# The server's use of the framer
+# A session's fed input (what a websocket client sends) uses the framer
 # --------------------------------------------------------------------------
 
 
-def test_server_cuts_websocket_pcm_into_numbered_frames_and_pads_the_last() -> None:
-    from assistant.config import load_config
-    from assistant.server.server import _Connection
-    from audio.resample import Resampler
-
-    config = load_config(overrides=["audio.frame_ms=20"])
+def test_fed_input_cuts_client_pcm_into_numbered_frames_and_pads_the_last() -> None:
+    from assistant.session import FedInput
 
     async def main() -> list[AudioFrame]:
-        server = SimpleNamespace(config=config)
-        conn = _Connection(server, SimpleNamespace(remote_address=("127.0.0.1", 1)))  # type: ignore[arg-type]
-        conn._start = SimpleNamespace(input_rate=16000)  # type: ignore[assignment]
-        conn._resampler = Resampler(16000, 16000)
+        fed = FedInput(16000, 16000, 20)
         pcm = np.arange(1, 1001, dtype=np.int16)
         before = now()
         for part in (pcm[:100], pcm[100:700], pcm[700:]):  # odd-sized websocket messages
-            conn._on_audio(part.astype("<i2").tobytes())
-        conn._end_input()
-        frames = [f async for f in conn._frames()]
+            fed.feed(part, now())
+        fed.end()
+        frames = [f async for f in fed.frames()]
         assert all(before <= f.captured_at <= now() for f in frames)
         assert np.array_equal(np.concatenate([f.pcm for f in frames])[:1000], pcm)
         return frames
@@ -175,3 +167,26 @@ def test_server_cuts_websocket_pcm_into_numbered_frames_and_pads_the_last() -> N
     assert [f.position for f in frames] == [0, 320, 640, 960]
     assert all(len(f.pcm) == 320 and f.sample_rate == 16000 for f in frames)
     assert not frames[-1].pcm[40:].any()
+
+
+def test_held_input_reaches_no_frame_and_is_taken_whole() -> None:
+    """A manual turn: the client's audio is held (resampled once), then taken as one buffer."""
+    from assistant.session import FedInput
+
+    async def main() -> tuple[np.ndarray, np.ndarray, list[AudioFrame]]:
+        fed = FedInput(24000, 16000, 20)
+        fed.hold(True)
+        tone = (8000 * np.sin(np.arange(24000) * 2 * np.pi * 440 / 24000)).astype(np.int16)
+        for part in np.array_split(tone, 7):
+            fed.feed(part, now())
+        first = fed.take()
+        fed.feed(tone[:2400], now())
+        fed.clear()
+        second = fed.take()
+        fed.end()
+        return first, second, [f async for f in fed.frames()]
+
+    first, second, frames = asyncio.run(main())
+    assert abs(len(first) - 16000) <= 1  # one second at the pipeline's rate, the resampler's tail included
+    assert np.abs(first[1000:15000]).max() > 7000
+    assert len(second) == 0 and frames == []

@@ -58,7 +58,7 @@ def browser_ready() -> None:
 
 
 def test_browser_turn(browser_ready: None, models: Any, config: Any, run: Callable[..., Any], tmp_path: Path) -> None:
-    from assistant.server.server import Server
+    from assistant.server.listener import Server
 
     screenshot = tmp_path / "browser.png"
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from assistant.config import Config
-from assistant.server.server import Server
+from assistant.server.listener import Server
 from audio.files import read_wav
 from helpers import ASSETS, ROOT, expected_text, word_error_rate
 from test_cli import cli, one_line_error

@@ -20,9 +20,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from assistant.config import Config, load_config
-from assistant.server.client import RemoteSession
-from assistant.server.protocol import MessageType
-from assistant.server.server import Server
+from assistant.client import RemoteSession
+from assistant.server.v1.codec import MessageType
+from assistant.server.listener import Server
 from helpers import ASSETS, load_pcm
 
 pytestmark = pytest.mark.slow

@@ -96,7 +96,7 @@ def test_sleep_wake_converse_and_sleep_again(models: Any, config: Any, run: Any)
     session = Session(models, config, output)
     events: list[str] = []
     gate = WakeGate(
-        detector, idle_s=3.0, busy=lambda: session.pipeline.vad.in_speech or not session.controller.idle,
+        detector, idle_s=3.0, busy=lambda: session.busy,
         on_wake=lambda: events.append("wake"), on_sleep=lambda: events.append("sleep"),
     )
     first = [silence(1.0), question, silence(1.5)]  # asleep: never heard

@@ -70,3 +70,78 @@ def test_a_looping_reply_is_stopped_and_its_request_aborted() -> None:
     assert done.finish_reason == "repetition"
     assert 12 <= len(tokens) < 30, len(tokens)  # stopped once the loop showed, not at max_tokens
     assert done.text.startswith("The answer is 1,000")
+
+
+class DownModel:
+    """An engine that fails after ``words`` tokens (0: before any)."""
+
+    def __init__(self, words: int) -> None:
+        self.words = words
+        self.aborted: list[str] = []
+
+    async def stream(
+        self, messages: list[dict[str, str]], request_id: str, session_id: str = ""
+    ) -> AsyncIterator[tuple[str, str | None]]:
+        from pipeline.llm import EngineUnavailable
+
+        for token in ["Paris", " is", " lovely"][: self.words]:
+            yield token, None
+        raise EngineUnavailable("the language model server does not answer")
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+
+def test_a_failed_engine_ends_the_reply_with_the_error_phrase_and_aborts() -> None:
+    """The loop every reply goes through (the LLM stage's, Wyoming's): the failure is told
+    before the phrase is said, the phrase follows what was written, the request is aborted."""
+    from pipeline.llm import ReplyStream
+
+    async def one(words: int) -> tuple[list[str], list[str], ReplyStream, DownModel]:
+        model = DownModel(words)
+        told: list[str] = []
+        deltas: list[str] = []
+        async with ReplyStream(model, [], "r1", error_reply="Sorry.", on_failure=told.append) as reply:
+            async for delta in reply:
+                deltas.append(delta if reply.failure is None else f"after {told}: {delta}")
+        return deltas, told, reply, model
+
+    deltas, told, reply, model = asyncio.run(one(0))
+    assert deltas == ["after ['the language model server does not answer']: Sorry."]
+    assert reply.failure == told[0] and reply.finish_reason == "error" and reply.text == "Sorry."
+    assert model.aborted == ["r1"]
+    deltas, _, reply, model = asyncio.run(one(2))
+    assert deltas[:2] == ["Paris", " is"] and deltas[2].endswith(":  Sorry.")  # a space before the phrase
+    assert reply.text == "Paris is Sorry." and model.aborted == ["r1"]
+
+
+class FiniteModel(DownModel):
+    async def stream(
+        self, messages: list[dict[str, str]], request_id: str, session_id: str = ""
+    ) -> AsyncIterator[tuple[str, str | None]]:
+        for token in ["Paris", " is", " lovely."]:
+            yield token, None
+        yield "", "stop"
+
+
+def test_a_finished_reply_is_not_aborted_and_a_consumer_that_leaves_is() -> None:
+    from pipeline.llm import ReplyStream
+
+    async def main() -> tuple[list[str], list[str], ReplyStream]:
+        finished = FiniteModel(0)
+        async with ReplyStream(finished, [], "done") as reply:
+            async for _ in reply:
+                pass
+        left = FiniteModel(0)
+        try:
+            async with ReplyStream(left, [], "gone") as gone:
+                async for delta in gone:
+                    if delta == " is":
+                        raise ConnectionError("the client left")
+        except ConnectionError:
+            pass
+        return finished.aborted, left.aborted, reply
+
+    finished, left, reply = asyncio.run(main())
+    assert finished == [] and reply.finish_reason == "stop" and reply.text == "Paris is lovely."
+    assert left == ["gone"]

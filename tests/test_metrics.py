@@ -46,7 +46,8 @@ from pipeline.metrics import (
     summary,
 )
 from pipeline.report import TurnReport
-from pipeline.runtime import EventBus, Watchdog, budgets_of
+from assistant.components import budgets_of
+from pipeline.runtime import EventBus, Watchdog
 
 NAMES = [m.name for m in MILESTONES]
 

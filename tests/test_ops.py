@@ -17,8 +17,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from assistant.server.client import RemoteSession
-from assistant.server.server import Server
+from assistant.client import RemoteSession
+from assistant.server.listener import Server
 from assistant.systemd import Notifier, keep_alive, watchdog_interval
 from helpers import ASSETS, load_pcm
 

@@ -1,6 +1,6 @@
 """Protocol v1 without a server or models: every message built, every client message parsed.
 
-:mod:`assistant.server.protocol` is the only place that knows the wire;
+:mod:`assistant.server.v1.codec` is the only place that knows the wire;
 these tests hold it to docs/protocol.md (names, fields and their order,
 error codes, close codes) and to the browser client's names.
 """
@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from websockets.frames import CloseCode
 
-from assistant.server import protocol as v1
+from assistant.server import face
+from assistant.server.v1 import codec as v1
+from assistant.server.v1.face import V1Face
 from assistant.server.output import WebSocketOutput
 from helpers import ROOT
 from pipeline import frames
@@ -29,13 +31,13 @@ DOCS = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8").split("\n# Op
 def wire(started: bool = True, output_rate: int = 48000) -> v1.ProtocolV1:
     protocol = v1.ProtocolV1(ORIGIN, pipeline_rate=22050)
     if started:
-        protocol.ready("s1", v1.SessionStart(48000, output_rate, "test"), 20, {"turn": 20000})
+        protocol.ready("s1", face.SessionStart(48000, output_rate, "test"), 20, {"turn": 20000})
     return protocol
 
 
 def wire_json(message: dict[str, Any]) -> dict[str, Any]:
     """What a client reads: the encoded frame, decoded."""
-    return json.loads(v1.encode(message))
+    return json.loads(face.encode(message))
 
 
 # --------------------------------------------------------------------------
@@ -45,7 +47,7 @@ def wire_json(message: dict[str, Any]) -> dict[str, Any]:
 
 def test_message_types_are_the_documented_ones() -> None:
     documented = set(re.findall(r'"type": "([a-z_.]+)"', DOCS)) | set(re.findall(r"^\| `([a-z_.]+)` \|", DOCS, re.M))
-    documented -= set(v1.ErrorCode)  # the error table's first column
+    documented -= set(face.ErrorCode)  # the error table's first column
     assert documented == {t.value for t in v1.MessageType}
 
 
@@ -57,25 +59,25 @@ def test_the_browser_client_handles_only_known_types() -> None:
 
 def test_error_codes_and_close_codes_are_the_documented_ones() -> None:
     table = dict(re.findall(r"^\| `([a-z_]+)` \| .*\| (\d{4}|no)\b", DOCS, re.M))
-    assert set(table) == {c.value for c in v1.ErrorCode}
-    for code in v1.ErrorCode:
-        close = v1.FATAL_CLOSE.get(code)
+    assert set(table) == {c.value for c in face.ErrorCode}
+    for code in face.ErrorCode:
+        close = face.FATAL_CLOSE.get(code)
         assert (table[code] == "no") == (close is None), code
         if close is not None:
             assert isinstance(close, CloseCode) and int(close) == int(table[code]), code
 
 
 def test_wire_names_are_plain_strings_once_encoded() -> None:
-    text = v1.encode({"type": v1.MessageType.ERROR, "code": v1.ErrorCode.BAD_AUDIO})
+    text = face.encode({"type": v1.MessageType.ERROR, "code": face.ErrorCode.BAD_AUDIO})
     assert text == '{"type":"error","code":"bad_audio"}'
-    assert v1.decode(text) == {"type": "error", "code": "bad_audio"}
+    assert face.decode(text) == {"type": "error", "code": "bad_audio"}
     with pytest.raises(ValueError):
-        v1.decode("[1]")
+        face.decode("[1]")
 
 
 def test_v1_implements_the_interface() -> None:
-    members = {name for name in dir(v1.WireProtocol) if not name.startswith("_")} | set(v1.WireProtocol.__annotations__)
-    assert members <= set(dir(wire()))
+    members = {name for name in dir(face.Face) if not name.startswith("_")} | set(face.Face.__annotations__)
+    assert members <= set(dir(V1Face(ORIGIN, 22050)))
 
 
 # --------------------------------------------------------------------------
@@ -87,14 +89,14 @@ def test_session_start_round_trip() -> None:
     message = v1.session_start(48000, 24000, "unit test")
     assert wire_json(message) == {"type": "session.start", "protocol": 1, "input_rate": 48000, "output_rate": 24000,
                                   "client": "unit test"}
-    start = wire(False).parse_start(v1.encode(message), 16000, 22050)
-    assert start == v1.SessionStart(48000, 24000, "unit test")
+    start = wire(False).parse_start(face.encode(message), 16000, 22050)
+    assert start == face.SessionStart(48000, 24000, "unit test")
 
 
 def test_session_start_defaults_and_client_cut() -> None:
     start = wire(False).parse_start(json.dumps({"type": "session.start", "protocol": 1, "client": "x" * 200}),
                                     16000, 22050)
-    assert start == v1.SessionStart(16000, 22050, "x" * 80)
+    assert start == face.SessionStart(16000, 22050, "x" * 80)
 
 
 @pytest.mark.parametrize(
@@ -119,7 +121,7 @@ def test_session_start_defaults_and_client_cut() -> None:
     ],
 )
 def test_bad_session_start_is_fatal(frame: str | bytes, says: str) -> None:
-    with pytest.raises(v1.ProtocolError) as caught:
+    with pytest.raises(face.ProtocolError) as caught:
         wire(False).parse_start(frame, 16000, 22050)
     assert caught.value.code == "protocol" and caught.value.fatal and says in caught.value.message
     ending = wire(False).refusal(caught.value)
@@ -175,7 +177,7 @@ BAD_HEARD = (
     ],
 )
 def test_bad_requests_are_not_fatal(text: str, message: str) -> None:
-    with pytest.raises(v1.ProtocolError) as caught:
+    with pytest.raises(face.ProtocolError) as caught:
         wire().parse(text)
     assert (caught.value.code, caught.value.message, caught.value.fatal) == ("bad_message", message, False)
 
@@ -185,8 +187,8 @@ def test_nesting_within_the_limit_and_brackets_in_strings_are_fine() -> None:
     assert wire().parse(nested) == v1.InputEnd()
     quoted = json.dumps({"type": "input.end", "s": "[{" * 1000 + '\\"]'})
     assert wire().parse(quoted) == v1.InputEnd()
-    assert v1.json_depth('{"a": [1, {"b": "]]]]"}]}') == 3
-    assert v1.json_depth('"\\\\" [') == 1
+    assert face.json_depth('{"a": [1, {"b": "]]]]"}]}') == 3
+    assert face.json_depth('"\\\\" [') == 1
 
 
 def test_audio_checks() -> None:
@@ -197,7 +199,7 @@ def test_audio_checks() -> None:
         (b"\x00" * 3, False, "binary frame of odd length (3 bytes): expected PCM16"),
         (b"\x00" * 4, True, "audio after input.end is ignored"),
     ]:
-        with pytest.raises(v1.ProtocolError) as caught:
+        with pytest.raises(face.ProtocolError) as caught:
             protocol.check_audio(data, input_closed=closed)
         assert (caught.value.code, caught.value.message, caught.value.fatal) == ("bad_audio", message, False)
     assert protocol.audio(b"\x01\x02") == b"\x01\x02"
@@ -210,7 +212,7 @@ def test_audio_checks() -> None:
 
 def test_session_ready() -> None:
     protocol = v1.ProtocolV1(frames.now(), pipeline_rate=22050)
-    ready = wire_json(protocol.ready("s3", v1.SessionStart(48000, 24000, "b"), 20, {"asr_final": 350}))
+    ready = wire_json(protocol.ready("s3", face.SessionStart(48000, 24000, "b"), 20, {"asr_final": 350}))
     at_ms = ready.pop("at_ms")
     assert list(ready.items()) == [("type", "session.ready"), ("protocol", 1), ("session_id", "s3"),
                                    ("input_rate", 48000), ("output_rate", 24000), ("frame_ms", 20),
@@ -253,7 +255,7 @@ EVENTS: list[tuple[Any, dict[str, Any]]] = [
 
 @pytest.mark.parametrize(("event", "expected"), EVENTS, ids=[type(e).__name__ for e, _ in EVENTS])
 def test_events_on_the_wire(event: Any, expected: dict[str, Any]) -> None:
-    message = wire_json(wire().on_event(event))  # type: ignore[arg-type]
+    message = wire_json(wire().message_of(event))  # type: ignore[arg-type]
     assert list(message.items()) == list(expected.items())  # the fields, and their order
 
 
@@ -274,13 +276,13 @@ def test_every_mapped_event_is_built() -> None:
     ids=lambda e: type(e).__name__,
 )
 def test_events_that_stay_off_the_wire(event: Any) -> None:
-    assert wire().on_event(event) is None
+    assert wire().message_of(event) is None
 
 
 def test_played_samples_keep_the_pipeline_rate_for_a_client_at_that_rate() -> None:
     event = frames.ReplyInterrupted(turn_id=1, heard_text="", played_samples=11025, sample_rate=0, onset_at=0.0,
                              stopped_at=0.0)
-    assert wire(output_rate=22050).on_event(event)["played_samples"] == 11025  # type: ignore[index]
+    assert wire(output_rate=22050).message_of(event)["played_samples"] == 11025  # type: ignore[index]
 
 
 METRICS = {"status": "completed", "cancel_reason": None, "transcript": "Hi", "reply": "Hello.",
@@ -290,10 +292,10 @@ METRICS = {"status": "completed", "cancel_reason": None, "transcript": "Hi", "re
 def test_turn_state_comes_from_the_events() -> None:
     protocol = wire()
     for turn_id in (3, 1, 2):
-        protocol.on_event(frames.SpeechStarted(turn_id=turn_id, onset_at=0.0, onset_position=0))
-    protocol.on_event(frames.SpeechStarted(turn_id=None, onset_at=0.0, onset_position=0))
+        protocol.message_of(frames.SpeechStarted(turn_id=turn_id, onset_at=0.0, onset_position=0))
+    protocol.message_of(frames.SpeechStarted(turn_id=None, onset_at=0.0, onset_position=0))
     assert protocol.open_turns == [1, 2, 3]
-    protocol.on_event(frames.ReplyInterrupted(turn_id=1, heard_text="Hel", played_samples=10, sample_rate=22050,
+    protocol.message_of(frames.ReplyInterrupted(turn_id=1, heard_text="Hel", played_samples=10, sample_rate=22050,
                                        onset_at=0.0, stopped_at=0.0, by_turn=2))
     metrics = wire_json(protocol.turn_metrics(1, {**METRICS, "interrupted": False, "heard_text": "Hel"}))
     assert metrics["interrupted"] is True and metrics["heard_text"] == "Hel"
@@ -320,10 +322,10 @@ def test_audio_markers() -> None:
 
 def test_one_error_builder() -> None:
     protocol = wire()
-    assert list(wire_json(protocol.error(v1.ErrorCode.BAD_MESSAGE, "nope", fatal=False, at=AT)).items()) == [
+    assert list(wire_json(protocol.error(face.ErrorCode.BAD_MESSAGE, "nope", fatal=False, at=AT)).items()) == [
         ("type", "error"), ("code", "bad_message"), ("message", "nope"), ("fatal", False), ("at_ms", 1500.0)]
     with pytest.raises(AssertionError):
-        protocol.error(v1.ErrorCode.BAD_MESSAGE, "when?", fatal=False)
+        protocol.error(face.ErrorCode.BAD_MESSAGE, "when?", fatal=False)
 
 
 # --------------------------------------------------------------------------
@@ -365,7 +367,7 @@ def test_disconnected_sends_nothing_and_does_not_close() -> None:
 def test_shutdown_before_the_session_started() -> None:
     protocol = wire(started=False)
     ending = protocol.ending("shutdown")
-    assert ending is v1.SHUTDOWN_BEFORE_START
+    assert ending is face.SHUTDOWN_BEFORE_START
     assert (ending.close_code, ending.close_reason, protocol.final(ending, AT)) == (
         CloseCode.GOING_AWAY, "server shutting down", None)
 
@@ -373,23 +375,23 @@ def test_shutdown_before_the_session_started() -> None:
 def test_refusals() -> None:
     protocol = wire(started=False)
     for error, code, close in [
-        (v1.start_timeout(10.0), "protocol", CloseCode.POLICY_VIOLATION),
-        (v1.too_many_sessions(8), "too_many_sessions", CloseCode.TRY_AGAIN_LATER),
-        (v1.input_too_fast(), "input_rate", CloseCode.POLICY_VIOLATION),
+        (face.start_timeout(10.0), "protocol", CloseCode.POLICY_VIOLATION),
+        (face.too_many_sessions(8), "too_many_sessions", CloseCode.TRY_AGAIN_LATER),
+        (face.input_too_fast(), "input_rate", CloseCode.POLICY_VIOLATION),
     ]:
         ending = protocol.refusal(error)
         assert error.fatal and (error.code, ending.close_code) == (code, close)
         assert wire_json(protocol.final(ending, AT)) == {  # type: ignore[arg-type]
             "type": "error", "code": code, "message": error.message, "fatal": True, "at_ms": 1500.0}
-    assert v1.start_timeout(10.0).message == "no session.start within 10 s"
-    assert v1.too_many_sessions(8).message == "the server is at its limit of 8 sessions; try again later"
-    assert v1.ENDINGS["input_rate"].error == (v1.input_too_fast().code, v1.input_too_fast().message)
+    assert face.start_timeout(10.0).message == "no session.start within 10 s"
+    assert face.too_many_sessions(8).message == "the server is at its limit of 8 sessions; try again later"
+    assert face.ENDINGS["input_rate"].error == (face.input_too_fast().code, face.input_too_fast().message)
 
 
 def test_a_long_close_reason_is_cut_on_a_character() -> None:
-    ending = v1.fatal(v1.ProtocolError(v1.ErrorCode.PROTOCOL, "é" * 100, fatal=True))
-    assert len(ending.close_reason.encode()) <= v1.CLOSE_REASON_BYTES and ending.close_reason == "é" * 60
-    assert ending.error == (v1.ErrorCode.PROTOCOL, "é" * 100)  # the event keeps all of it
+    ending = face.fatal(face.ProtocolError(face.ErrorCode.PROTOCOL, "é" * 100, fatal=True))
+    assert len(ending.close_reason.encode()) <= face.CLOSE_REASON_BYTES and ending.close_reason == "é" * 60
+    assert ending.error == (face.ErrorCode.PROTOCOL, "é" * 100)  # the event keeps all of it
 
 
 # --------------------------------------------------------------------------
@@ -422,10 +424,46 @@ def test_output_wraps_reply_audio_in_markers() -> None:
     start, end = json.loads(sent[0]), json.loads(sent[-2])
     assert (start["turn_id"], start["sample_rate"], end["turn_id"]) == (4, 22050, 4)
     assert end["samples"] == sum(len(m) for m in sent if isinstance(m, bytes)) // 2 == 2205
-    assert sent[-1] == v1.encode(json.loads(sent[-1]))  # compact JSON, like every other event
+    assert sent[-1] == face.encode(json.loads(sent[-1]))  # compact JSON, like every other event
 
 
 def test_turn_metrics_say_where_the_speech_ended_in_the_clients_audio() -> None:
     metrics = wire_json(wire().turn_metrics(4, {**METRICS, "speech_end_input_ms": 2460.0}))
     assert metrics["speech_end_input_ms"] == 2460.0
     assert wire_json(wire().turn_metrics(5, METRICS))["speech_end_input_ms"] is None
+
+
+# --------------------------------------------------------------------------
+# The face: what a client's messages do, over a stand-in session (tests/fakes.py)
+# --------------------------------------------------------------------------
+
+
+def test_the_face_acts_through_the_sessions_verbs_and_its_link() -> None:
+    from fakes import FakeLink, FakeSession
+
+    v1_face = V1Face(ORIGIN, 22050)
+    session, link = FakeSession(), FakeLink()
+    v1_face.bind(session, link)  # type: ignore[arg-type]
+    assert v1_face.wants_start
+    audio = np.arange(320, dtype="<i2").tobytes()
+    assert v1_face.receive(audio) == [] and v1_face.receive(b"") == []
+    assert link.fed == [audio]  # the connection checks the input rate, then feeds the session
+    v1_face.receive('{"type": "playback.position", "turn_id": 3, "samples": 4800}')
+    v1_face.receive('{"type": "playback.heard", "turn_id": 3, "voice_to_voice_ms": 812.5}')
+    assert ("played", 3, 4800) in session.calls and link.figures == [(3, 812.5)]
+    with pytest.raises(face.ProtocolError) as odd:
+        v1_face.receive(b"\x00\x00\x00")
+    assert odd.value.code == "bad_audio" and not odd.value.fatal
+    v1_face.receive('{"type": "input.end"}')
+    assert ("end_input",) in session.calls
+    with pytest.raises(face.ProtocolError) as late:
+        v1_face.receive(audio)
+    assert late.value.code == "bad_audio" and "after input.end" in late.value.message
+    assert link.fed == [audio]
+    v1_face.receive('{"type": "session.end"}')
+    assert link.ended == ["session_end"]
+    assert v1_face.on_event(frames.TurnCompleted(turn_id=3)) == []  # stays inside
+    (started,) = v1_face.on_event(frames.SpeechStarted(turn_id=4, onset_at=ORIGIN + 1, onset_position=0))
+    assert started["type"] == "speech.started" and v1_face.open_turns == [4]
+    (metrics,) = v1_face.turn_closed(4, METRICS)
+    assert metrics["type"] == "turn.metrics" and v1_face.open_turns == []

@@ -24,7 +24,7 @@ import pytest
 from pydantic import TypeAdapter
 
 from assistant.config import Config, load_config
-from assistant.server.server import Server
+from assistant.server.listener import Server
 from audio.resample import Resampler
 from helpers import ASSETS, TEST_OVERRIDES, expected_text, load_pcm, word_error_rate, words
 
@@ -83,7 +83,7 @@ async def run_sdk_client(server: Server, plan: dict[str, Any], timeout: float = 
     return lines
 
 
-def serve(run: Any, models: Any, config: Config, body: Any, **kwargs: Any) -> Any:
+def serve(run: Any, models: Any, config: Config | None, body: Any, **kwargs: Any) -> Any:
     # The turn budget (20 s until the whole reply is synthesized, then cancel) would cut a long
     # answer on a slow shared CPU; these tests are about the wire, not how long the model talks.
     config = load_config(overrides=[*TEST_OVERRIDES, "budgets.turn_ms=120000"])
@@ -101,6 +101,18 @@ async def hold_connection(server: Server) -> Any:
         while not server._connections:
             await asyncio.sleep(0.05)
     return next(iter(server._connections))
+
+
+def sdk_lines_and_history(run: Any, models: Any, plan: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The SDK client's lines for ``plan``, and its session's history once it is done."""
+
+    async def body(server: Server) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        holder = asyncio.create_task(hold_connection(server))
+        lines = await run_sdk_client(server, plan)
+        connection = await holder
+        return lines, connection.session.conversation.turns
+
+    return serve(run, models, None, body)
 
 
 def kinds(events: list[dict[str, Any]]) -> list[str]:
@@ -233,13 +245,7 @@ def test_sdk_barge_in_cancel_and_truncate_keep_only_the_heard_words(
     plan = {"scenario": "barge", "question": str(pcm24(tmp_path, "why_sky_blue")),
             "interruption": str(pcm24(tmp_path, "capital_of_france"))}
 
-    async def body(server: Server) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        holder = asyncio.create_task(hold_connection(server))
-        lines = await run_sdk_client(server, plan)
-        connection = await holder
-        return lines, connection.session.conversation.turns
-
-    lines, history = serve(run, models, config, body)
+    lines, history = sdk_lines_and_history(run, models, plan)
     events = validated(lines)
     assert "error" not in kinds(events), of(events, "error")
     dones = of(events, "response.done")
@@ -269,13 +275,7 @@ def test_sdk_manual_turns_text_items_cancel_and_bad_events(
     plan = {"scenario": "manual", "question": str(pcm24(tmp_path, "capital_of_france")),
             "text": "Tell me about the history of Rome.", "text2": "What is two plus two?"}
 
-    async def body(server: Server) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        holder = asyncio.create_task(hold_connection(server))
-        lines = await run_sdk_client(server, plan)
-        connection = await holder
-        return lines, connection.session.conversation.turns
-
-    lines, history = serve(run, models, config, body)
+    lines, history = sdk_lines_and_history(run, models, plan)
     events = validated(lines)
     errors = [e["error"]["code"] for e in of(events, "error")]
     assert errors == ["invalid_json", "invalid_value", "invalid_json", "invalid_value", "invalid_value",

@@ -19,9 +19,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from assistant.server.client import RemoteSession
+from assistant.client import RemoteSession
 from assistant.config import Config, load_config
-from assistant.server.server import Server
+from assistant.server.listener import Server
 from audio.resample import Resampler
 from helpers import ASSETS, expected_text, load_pcm, speech_span, word_error_rate
 from pipeline.frames import LLMToken
@@ -648,8 +648,8 @@ def test_session_slots_are_released_however_a_connection_ends(
     Faults inside the server (a bug while handling a message, while closing,
     in the handshake) are injected by patching the one method that fails."""
     from assistant.server import output as output_module
-    from assistant.server import protocol as protocol_module
-    from assistant.server import server as server_module
+    from assistant.server import listener as server_module
+    from assistant.server.v1 import codec as protocol_module
 
     config = config_with("server.max_sessions=3", "server.idle_timeout_s=2", "server.max_message_bytes=262144")
     original_parse = protocol_module.ProtocolV1.parse

@@ -1,6 +1,6 @@
 """The server's plain HTTP side, on loopback, against clumsy and hostile requests.
 
-The real :class:`~assistant.server.server.Server` with no models: a page,
+The real :class:`~assistant.server.listener.Server` with no models: a page,
 /healthz or a refused request never reaches a session, so nothing is loaded.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from assistant.config import load_config
-from assistant.server.server import Server
+from assistant.server.listener import Server
 
 
 async def raw(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:

@@ -213,3 +213,39 @@ def test_a_conversation_of_weeks_keeps_its_recent_exchanges_only() -> None:
     assert messages[-1] == {"role": "assistant", "content": "answer 1000"} and len(messages) < 20
     conversation.open(1001, "still open")  # an open exchange is never dropped
     assert conversation.is_open(1001)
+
+
+def test_a_reply_asked_for_before_a_committed_buffer_is_transcribed_waits_for_its_words() -> None:
+    """A client that ends its turns itself: commit, then response.create at once. The reply
+    starts when the buffer's words are in the history, never before; a cancelled one never."""
+    from types import SimpleNamespace
+
+    from pipeline.frames import BufferTranscribed, ReplyRequest, TranscribeRequest, TurnCompleted
+    from pipeline.runtime import Channel
+
+    async def main() -> None:
+        ctx, events = context()
+        conversation = Conversation("system", 1000, lambda text: len(text.split()))
+        asr, llm = SimpleNamespace(inbox=Channel("asr")), SimpleNamespace(inbox=Channel("llm"))
+        controller = TurnController(
+            ctx, conversation, TurnSettings(early_reply=False), Stages(asr=asr, llm=llm)  # type: ignore[arg-type]
+        )
+        spoken = ctx.turns.new().id
+        controller.transcribe(spoken, np.zeros(1600, np.int16))
+        request = await asr.inbox.get()
+        assert isinstance(request, TranscribeRequest) and request.turn_id == spoken and len(request.pcm) == 1600
+        reply, dropped = ctx.turns.new().id, ctx.turns.new().id
+        controller.respond(reply)
+        controller.respond(dropped)
+        ctx.turns.cancel(dropped, "cancelled by the client")
+        assert len(llm.inbox) == 0  # waiting for the words
+        ctx.bus.publish(BufferTranscribed(turn_id=spoken, text="What time is it?", audio_s=0.1))
+        assert conversation.messages(upto=reply)[1:] == [{"role": "user", "content": "What time is it?"}]
+        asked = await llm.inbox.get()
+        assert isinstance(asked, ReplyRequest) and asked.turn_id == reply and len(llm.inbox) == 0
+        assert any(isinstance(e, TurnCompleted) and e.turn_id == spoken for e in events)  # its words were all of it
+        again = ctx.turns.new().id
+        controller.respond(again)  # nothing being transcribed: at once
+        assert (await llm.inbox.get()).turn_id == again
+
+    asyncio.run(main())

@@ -22,7 +22,7 @@ from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop
 
 from assistant.config import Config
-from assistant.server.server import Server
+from assistant.server.listener import Server
 from assistant.server.wyoming import WyomingServer, wyoming_server
 from audio.resample import Resampler
 from pipeline.llm import EngineUnavailable

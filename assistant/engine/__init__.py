@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Config
-from ..models import Progress, print_progress
+from ..loading import Progress, print_progress
 from pipeline.llm import EngineUnavailable
 
 __all__ = ["EngineUnavailable", "load_language_model"]

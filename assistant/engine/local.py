@@ -18,7 +18,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import ModelError
-from ..models import Progress, print_progress, require_module
+from ..loading import Progress, print_progress, require_module
 
 log = logging.getLogger("assistant.engine")
 

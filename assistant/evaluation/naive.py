@@ -28,13 +28,12 @@ from audio.framing import file_source
 from audio.resample import Resampler
 from pipeline.chunker import clean_text
 from pipeline.frames import Event, SpeechStarted, SpeechStopped, now
-from pipeline.turns import Conversation
 from pipeline.metrics import NAIVE_MILESTONES, NAIVE_SPANS, milestone_ms, span_ms, summarize_spans
 from pipeline.playback import TimelineOutput
 from pipeline.runtime import EventBus, PipelineContext, TurnRegistry
-from pipeline.tts import PiperSynthesizer
-from pipeline.vad import VADSettings, VADStage
+from pipeline.vad import VADStage
 
+from ..components import conversation_of, synthesizer_of, vad_settings
 from ..config import Config
 
 # Its milestones and spans are those of pipeline/metrics.py marked naive
@@ -43,13 +42,6 @@ from ..config import Config
 __all__ = ["naive_turn", "run_naive"]
 
 _request_ids = itertools.count(1)
-
-
-def _vad_settings(config: Config, with_silero: bool) -> VADSettings:
-    """The product's VAD settings, so both pipelines end turns alike."""
-    from ..session import vad_settings
-
-    return vad_settings(config, with_silero)
 
 
 async def _listen(
@@ -66,7 +58,7 @@ async def _listen(
     bus.subscribe(output.observe)  # anchors the reply on the input's timeline
     ctx = PipelineContext(bus=bus, turns=TurnRegistry(bus))
     silero = models.silero.max_probability if models.silero is not None else None
-    vad = VADStage(ctx, _vad_settings(config, silero is not None), silero=silero)
+    vad = VADStage(ctx, vad_settings(config, silero is not None), silero=silero)  # the product's: turns end alike
     events: list[Event] = []
     bus.subscribe(lambda e: events.append(e) if isinstance(e, SpeechStarted | SpeechStopped) else None)
 
@@ -158,7 +150,7 @@ async def naive_turn(
         return _turn_dict(transcript, "", stamps, t0, "no_words")
 
     # 2. The full reply before any speech.
-    conversation = Conversation(config.llm.system_prompt, config.llm.history_tokens, models.llm.count_tokens)
+    conversation = conversation_of(models, config)
     conversation.open(None, transcript)
     request_id = f"naive-{next(_request_ids)}"
     parts: list[str] = []
@@ -180,7 +172,7 @@ async def naive_turn(
 
     # 3. The whole reply synthesized (and brought to the output rate, as the
     #    product's TTS stage does) before playback starts.
-    synth = PiperSynthesizer(models.piper, config.tts.length_scale)
+    synth = synthesizer_of(models.piper, config)
 
     def synthesize() -> np.ndarray:
         pieces = list(synth.synthesize(text))

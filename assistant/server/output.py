@@ -8,7 +8,7 @@ client keeps a small buffer and a barge-in has little to throw away.
 It paces; it does not speak the protocol: every message it sends (the
 events the server hands it, the audio markers around each segment, the
 audio frames themselves) is built by the connection's
-:class:`~assistant.server.protocol.WireProtocol`.
+:class:`~assistant.server.face.Face`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 from audio.resample import Resampler
 from pipeline.frames import Event, TurnCancelled, now
 
-from .protocol import Message, WireProtocol
+from .face import Face, Message
 
 log = logging.getLogger("assistant.server")
 
@@ -75,7 +75,7 @@ class WebSocketOutput:
     """
 
     def __init__(
-        self, ws: ServerConnection, wire: WireProtocol, sample_rate: int, client_rate: int, jitter_s: float,
+        self, ws: ServerConnection, wire: Face, sample_rate: int, client_rate: int, jitter_s: float,
         origin: float,
     ) -> None:
         self.wire = wire

@@ -26,7 +26,15 @@ reply written as an error   (the engine was down: the LLM stage wrote the
                             error phrase) played like any reply, kept out of
                             the history
 reply played / cancelled    the single commit of the reply to the history
+buffer transcribed          (a client that ends its turns itself committed it)
+                            its words into the history; a reply asked for
+                            meanwhile (:meth:`respond`) starts now
 ==========================  ==================================================
+
+A client that drives the turns itself (the realtime face's manual turns,
+text items) does so through the session, whose verbs land here:
+:meth:`transcribe`, :meth:`respond`, :meth:`stop_reply`, :meth:`add_message`,
+:meth:`truncate`, :meth:`remove_message`, :meth:`set_instructions`.
 
 Everything here runs synchronously in the event loop (no awaits): a
 decision is taken the moment its event is produced.
@@ -44,6 +52,7 @@ import numpy as np
 from ..asr import agreed_prefix, has_words
 from ..frames import (
     BudgetExceeded,
+    BufferTranscribed,
     Event,
     LLMDone,
     LLMToken,
@@ -60,6 +69,7 @@ from ..frames import (
     TranscriptPartial,
     TurnCancelled,
     TurnCompleted,
+    TranscribeRequest,
     TurnEndScored,
     now,
 )
@@ -139,6 +149,8 @@ class TurnController:
         self._written: set[int] = set()  # turns whose reply the model finished
         self._acknowledged: set[int] = set()
         self._failed: set[int] = set()  # turns whose reply is the engine's error phrase
+        self._transcribing: set[int] = set()  # committed buffers whose words are not in yet
+        self._awaiting_words: list[int] = []  # replies asked for before those words came
         ctx.bus.route_to(self.on_event)
 
     @property
@@ -199,11 +211,16 @@ class TurnController:
             case ReplyAudioEnded():
                 self.floor.assistant_turns.discard(turn_id)
                 self._tell_vad()
+            case BufferTranscribed():
+                if event.text:
+                    self.conversation.add(turn_id, user=event.text)
+                self._words_in(turn_id)
+                self.ctx.bus.publish(TurnCompleted(turn_id=turn_id))  # its words are all this turn had
             case TurnCompleted() | TurnCancelled() if turn_id in self._failed:
-                self.conversation.discard(turn_id)  # the user will ask again
+                self.conversation.settle(turn_id, failed=True)  # the user will ask again
                 self._closed(turn_id)
             case TurnCompleted():
-                self.conversation.commit(turn_id)
+                self.conversation.settle(turn_id)
                 self._closed(turn_id)
             case TurnCancelled():
                 self._settle_cancelled(turn_id)
@@ -331,14 +348,36 @@ class TurnController:
 
     # ---- a client that drives the turns itself (the realtime endpoint) ----
 
+    def transcribe(self, turn_id: int, pcm: np.ndarray) -> None:
+        """A buffer the client committed as the user's turn: its words go into
+        the history when recognition has them (:class:`BufferTranscribed`)."""
+        self._transcribing.add(turn_id)
+        asr = self.stages.asr
+        if asr is not None:
+            asr.inbox.put_nowait(TranscribeRequest(turn_id=turn_id, pcm=pcm))
+
     def respond(self, turn_id: int) -> None:
-        """Reply now to what the history holds, for a turn with no speech of
-        its own (a realtime client's ``response.create`` after text items or a
-        manually committed buffer): it may play as soon as the floor is free."""
+        """Reply to what the history holds, for a turn with no speech of its
+        own (a realtime client's ``response.create`` after text items or a
+        committed buffer): once the words of every buffer committed before are
+        in, and it may play as soon as the floor is free."""
         self._replying.add(turn_id)
         self.floor.ended.add(turn_id)
         self.floor.changed()
-        self._request_reply(turn_id, "")
+        if self._transcribing:
+            self._awaiting_words.append(turn_id)
+        else:
+            self._request_reply(turn_id, "")
+
+    def _words_in(self, turn_id: int) -> None:
+        """A committed buffer is transcribed (or its turn is gone): the replies waiting on it may start."""
+        self._transcribing.discard(turn_id)
+        if self._transcribing:
+            return
+        waiting, self._awaiting_words = self._awaiting_words, []
+        for waiting_turn in waiting:
+            if not self.ctx.turns.is_cancelled(waiting_turn):
+                self._request_reply(waiting_turn, "")
 
     def stop_reply(self, turn_id: int, reason: str) -> None:
         """The client stopped the reply (``response.cancel``): the history keeps
@@ -349,6 +388,10 @@ class TurnController:
             return
         self.conversation.commit(turn_id, heard="")
         self.ctx.cancel_turn(turn_id, reason)
+
+    def set_instructions(self, text: str) -> None:
+        """The system prompt of every reply from now on."""
+        self.conversation.system_prompt = text
 
     def add_message(self, turn_id: int, user: str = "", reply: str | None = None) -> None:
         """A message the client put into the history itself."""
@@ -403,6 +446,10 @@ class TurnController:
             self.conversation.commit(turn_id, heard="".join(self._tokens.get(turn_id, [])))
 
     def _closed(self, turn_id: int) -> None:
+        if turn_id in self._awaiting_words:
+            self._awaiting_words.remove(turn_id)
+        if turn_id in self._transcribing:
+            self._words_in(turn_id)
         self.floor.assistant_turns.discard(turn_id)
         self.floor.user_turns.discard(turn_id)
         self.floor.changed()

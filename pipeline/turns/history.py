@@ -68,6 +68,15 @@ class Conversation:
             exchange.reply = heard.strip() or None
             exchange.interrupted = exchange.reply is not None
 
+    def settle(self, turn_id: int, failed: bool = False) -> None:
+        """The turn is over. A reply that ``failed`` (the engine was down: the
+        error phrase was said instead) is no answer: the exchange goes, and the
+        user will ask again. Otherwise the draft stands (:meth:`commit`)."""
+        if failed:
+            self.discard(turn_id)
+        else:
+            self.commit(turn_id)
+
     def discard(self, turn_id: int) -> None:
         """Forget the turn's exchange: its reply was thrown away unheard and
         the turn goes on (a new transcript will open it again)."""
@@ -106,6 +115,11 @@ class Conversation:
         else:
             exchange.reply, exchange.interrupted = None, False
         return True
+
+    def said(self, turn_id: int, role: str) -> str | None:
+        """What one side of a turn's exchange holds now (None: nothing)."""
+        kept = [t["content"] for t in self.turns if t["turn_id"] == turn_id and t["role"] == role]
+        return kept[-1] if kept else None
 
     def is_open(self, turn_id: int) -> bool:
         exchange = self._find(turn_id)

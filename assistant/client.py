@@ -6,7 +6,7 @@ event, and places the reply audio on the session's own timeline (where a
 listener would have heard it). The CLI, the tests and
 ``scripts/bench_server.py`` all use it, so they exercise the same code a
 remote program would. Message names and encoding are
-:mod:`assistant.server.protocol`'s.
+:mod:`assistant.server.v1.codec`'s.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from pipeline.frames import now
 
-from ..errors import InputError, UserError
-from .protocol import MessageType, decode, encode, session_start
+from .errors import InputError, UserError
+from .server.face import decode, encode
+from .server.v1.codec import MessageType, session_start
 
 TOKEN_ENV = "VOICE_ASSISTANT_TOKEN"
 FRAME_MS = 20

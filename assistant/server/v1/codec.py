@@ -1,53 +1,46 @@
-"""The websocket protocol, version 1: every message on the wire.
+"""The websocket protocol, version 1 (``/ws``): every message on the wire.
 
-docs/protocol.md is the contract; this module is its one implementation.
-It holds
+docs/protocol.md is the contract; this module is its codec. It holds
 
-* the names: message types (:class:`MessageType`), error codes
-  (:class:`ErrorCode`), close codes (``websockets.frames.CloseCode``) and
-  how each way a session ends maps onto them (:class:`Ending`);
+* the names: message types (:class:`MessageType`) and which pipeline
+  events a client sees (:data:`EVENT_TYPES`); error and close codes are the
+  server's (:mod:`assistant.server.face`);
 * the client's messages, checked and parsed into typed requests
-  (:class:`SessionStart`, :class:`PlaybackPosition`, :class:`InputEnd`,
-  :class:`SessionEnd`) or refused with a :class:`ProtocolError`;
+  (:class:`~assistant.server.face.SessionStart`, :class:`PlaybackPosition`,
+  :class:`PlaybackHeard`, :class:`InputEnd`, :class:`SessionEnd`) or refused
+  with a :class:`~assistant.server.face.ProtocolError`;
 * every server message, built from the session's typed events
   (:mod:`pipeline.frames`) by :class:`ProtocolV1`, one per connection,
   which also derives from those events the little per-turn state the wire
   needs (which turns are open, which were interrupted).
 
-The server (:mod:`assistant.server.server`) and the paced output
-(:mod:`assistant.server.output`) send what this module builds and act on
-what it parses; neither builds nor reads a message itself. Nothing here
-touches a socket.
-
-:class:`WireProtocol` is what the server asks of a protocol. Another one
-(an OpenAI-Realtime-compatible endpoint, say) is a module beside this
-one whose class implements it over the same session events (the OpenAI
-Realtime API: :mod:`assistant.server.realtime`); the server picks it by the
-websocket path. A protocol with no marker around reply audio returns None
-from :meth:`WireProtocol.audio_start` / ``audio_end``, and None from
-``audio`` for a frame it drops.
+Nothing here touches a socket or a session: the face
+(:mod:`assistant.server.v1.face`) acts on what this parses.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final, Protocol
-
-from websockets.frames import CloseCode
+from typing import Any, Final
 
 from pipeline import frames
 from pipeline.frames import Event, now
 
+from ..face import (
+    SHUTDOWN_BEFORE_START,
+    Closing,
+    Ending,
+    ErrorCode,
+    Message,
+    ProtocolError,
+    SessionStart,
+    encode,
+    load_client_json,
+)
+
 PROTOCOL_VERSION: Final = 1
 MIN_RATE, MAX_RATE = 8000, 48000
-CLOSE_REASON_BYTES: Final = 120  # a close frame's reason holds at most 123 bytes of UTF-8
-MAX_TEXT_CHARS: Final = 65536  # the longest client text frame; every message of v1 fits in a few hundred
-MAX_JSON_DEPTH: Final = 32  # the deepest nesting a client text frame may have (v1's messages are flat)
-
-Message = dict[str, Any]  # one JSON text frame, before encoding
 
 
 class MessageType(StrEnum):
@@ -77,28 +70,6 @@ class MessageType(StrEnum):
     SESSION_ENDED = "session.ended"
 
 
-class ErrorCode(StrEnum):
-    """The ``code`` of an ``error`` event."""
-
-    BAD_MESSAGE = "bad_message"
-    BAD_AUDIO = "bad_audio"
-    STAGE_FAILED = "stage_failed"
-    PROTOCOL = "protocol"
-    TOO_MANY_SESSIONS = "too_many_sessions"
-    INPUT_RATE = "input_rate"
-    MESSAGE_RATE = "message_rate"
-    INTERNAL = "internal"
-
-
-FATAL_CLOSE: Final[dict[ErrorCode, CloseCode]] = {
-    ErrorCode.PROTOCOL: CloseCode.POLICY_VIOLATION,
-    ErrorCode.TOO_MANY_SESSIONS: CloseCode.TRY_AGAIN_LATER,
-    ErrorCode.INPUT_RATE: CloseCode.POLICY_VIOLATION,
-    ErrorCode.MESSAGE_RATE: CloseCode.POLICY_VIOLATION,
-    ErrorCode.INTERNAL: CloseCode.INTERNAL_ERROR,
-}
-"""The close code that follows a fatal error."""
-
 EVENT_TYPES: Final[dict[type[Event], MessageType]] = {
     frames.SpeechStarted: MessageType.SPEECH_STARTED,
     frames.SpeechStopped: MessageType.SPEECH_STOPPED,
@@ -116,55 +87,6 @@ others stay inside; turn.metrics comes from the session's report, the audio
 markers from the paced output."""
 
 
-def encode(message: Message) -> str:
-    """One message as a text frame: compact JSON."""
-    return json.dumps(message, separators=(",", ":"))
-
-
-def decode(text: str) -> Message:
-    """One text frame as a message (for clients; the server uses :meth:`ProtocolV1.parse`)."""
-    message = json.loads(text)
-    if not isinstance(message, dict):
-        raise ValueError("expected a JSON object")
-    return message
-
-
-_STRING: Final = re.compile(r'"(?:[^"\\]|\\.)*"')
-_NOT_BRACKET: Final = re.compile(r"[^\[\]{}]+")
-
-
-def json_depth(text: str) -> int:
-    """How deep the brackets of ``text`` nest, strings skipped, without decoding it.
-
-    The JSON decoder recurses once per level: 100,000 levels raised
-    RecursionError out of ``json.loads``. Two regular-expression passes (C
-    speed) and one pass over the brackets alone bound the work by the text's
-    length. An unterminated string counts its brackets: such text is not
-    JSON anyway.
-    """
-    depth = deepest = 0
-    for bracket in _NOT_BRACKET.sub("", _STRING.sub("", text)):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _load_client_json(text: str) -> Any:
-    """A client's text frame decoded, its size and nesting checked first; ValueError says what is wrong."""
-    if len(text) > MAX_TEXT_CHARS:
-        raise ValueError(f"text frame of {len(text)} characters is over the limit of {MAX_TEXT_CHARS}")
-    if json_depth(text) > MAX_JSON_DEPTH:
-        raise ValueError(f"text frame nested deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        return json.loads(text, parse_constant=_refuse_constant)  # NaN and Infinity are not JSON
-    except ValueError:  # JSONDecodeError, a number over Python's digit limit, NaN
-        raise ValueError("text frame is not JSON") from None
-
-
 def session_start(input_rate: int, output_rate: int, client: str) -> Message:
     """The client's first message."""
     return {"type": MessageType.SESSION_START, "protocol": PROTOCOL_VERSION, "input_rate": input_rate,
@@ -172,53 +94,8 @@ def session_start(input_rate: int, output_rate: int, client: str) -> Message:
 
 
 # --------------------------------------------------------------------------
-# What a client asks for, and what it gets wrong
+# What a client asks for
 # --------------------------------------------------------------------------
-
-
-class ProtocolError(Exception):
-    """A client message the protocol does not allow: becomes an ``error`` event."""
-
-    def __init__(self, code: ErrorCode, message: str, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.fatal = fatal
-
-
-_INPUT_RATE_MESSAGE: Final = "audio is arriving faster than the server allows"
-_INTERNAL_MESSAGE: Final = "internal server error; the session is closed"
-
-
-def start_timeout(seconds: float) -> ProtocolError:
-    return ProtocolError(ErrorCode.PROTOCOL, f"no session.start within {seconds:.0f} s", fatal=True)
-
-
-def too_many_sessions(limit: int) -> ProtocolError:
-    return ProtocolError(
-        ErrorCode.TOO_MANY_SESSIONS, f"the server is at its limit of {limit} sessions; try again later", fatal=True
-    )
-
-
-def input_too_fast() -> ProtocolError:
-    return ProtocolError(ErrorCode.INPUT_RATE, _INPUT_RATE_MESSAGE, fatal=True)
-
-
-def messages_too_fast(per_second: float, burst: int) -> ProtocolError:
-    return ProtocolError(
-        ErrorCode.MESSAGE_RATE,
-        f"more than {per_second:g} messages per second (bursts of {burst}) arrived; the session is closed",
-        fatal=True,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class SessionStart:
-    """What a client asked for in ``session.start``."""
-
-    input_rate: int
-    output_rate: int
-    client: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,104 +133,6 @@ ClientRequest = PlaybackPosition | PlaybackHeard | InputEnd | SessionEnd
 
 
 # --------------------------------------------------------------------------
-# How a session ends
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Ending:
-    """How a connection ends: the last event it is told, and its close frame."""
-
-    close_code: CloseCode  # ABNORMAL_CLOSURE: the connection is already gone, nothing is sent
-    close_reason: str = ""
-    ended_reason: str | None = None  # session.ended's reason; None: no session.ended
-    error: tuple[ErrorCode, str] | None = None  # a fatal error event (code, message) instead
-    cancel_turns: bool = True  # in-flight turns are cancelled, not finished
-
-    @property
-    def closes(self) -> bool:
-        return self.close_code != CloseCode.ABNORMAL_CLOSURE
-
-
-def _short(reason: str) -> str:
-    return reason.encode()[:CLOSE_REASON_BYTES].decode("utf-8", "ignore")
-
-
-def _ended(reason: str, close_code: CloseCode, cancel_turns: bool = True) -> Ending:
-    return Ending(close_code, reason, ended_reason=reason, cancel_turns=cancel_turns)
-
-
-def fatal(error: ProtocolError) -> Ending:
-    """A fatal error: the ``error`` event, then the close code :data:`FATAL_CLOSE` names."""
-    return Ending(FATAL_CLOSE[error.code], _short(error.message), error=(error.code, error.message))
-
-
-ENDINGS: Final[dict[str, Ending]] = {
-    "input_ended": _ended("input_ended", CloseCode.NORMAL_CLOSURE, cancel_turns=False),
-    "session_end": _ended("session_end", CloseCode.NORMAL_CLOSURE),
-    "idle_timeout": _ended("idle_timeout", CloseCode.NORMAL_CLOSURE),
-    "shutdown": _ended("shutdown", CloseCode.GOING_AWAY),
-    "disconnected": Ending(CloseCode.ABNORMAL_CLOSURE),
-    "input_rate": fatal(input_too_fast()),
-    "internal": fatal(ProtocolError(ErrorCode.INTERNAL, _INTERNAL_MESSAGE, fatal=True)),
-}
-"""Each way a started session ends, by the name the server gives it."""
-
-SHUTDOWN_BEFORE_START: Final = Ending(CloseCode.GOING_AWAY, "server shutting down")
-"""The server stops before the client sent session.start: no event, just the close."""
-
-
-# --------------------------------------------------------------------------
-# The interface a protocol implements
-# --------------------------------------------------------------------------
-
-
-class WireProtocol(Protocol):
-    """What the server asks of a wire protocol, one object per connection.
-
-    The server hands it what the client sent and what the session did
-    (its bus events, its report's closed turns, the output's audio) and
-    sends what it returns; messages are JSON-ready dicts until
-    :meth:`encode`. ``origin`` is the session clock's zero.
-    """
-
-    origin: float
-
-    def parse_start(self, frame: str | bytes, default_input: int, default_output: int) -> SessionStart: ...
-
-    def parse(self, text: str) -> ClientRequest: ...
-
-    def check_audio(self, data: bytes, input_closed: bool) -> None: ...
-
-    def ready(self, session_id: str, start: SessionStart, frame_ms: int, budgets_ms: dict[str, float]) -> Message: ...
-
-    def on_event(self, event: Event) -> Message | None: ...
-
-    def turn_metrics(self, turn_id: int, data: dict[str, Any]) -> Message: ...
-
-    def audio_start(self, turn_id: int, sample_rate: int, at: float) -> Message | None: ...
-
-    def audio(self, pcm16: bytes) -> bytes | str | None: ...
-
-    def audio_end(self, turn_id: int, samples: int, at: float) -> Message | None: ...
-
-    def error(
-        self, code: ErrorCode, message: str, *, fatal: bool, at: float | None = None, event: Event | None = None
-    ) -> Message: ...
-
-    def ending(self, reason: str) -> Ending: ...
-
-    def refusal(self, error: ProtocolError) -> Ending: ...
-
-    def final(self, ending: Ending, at: float) -> Message | None: ...
-
-    def encode(self, message: Message) -> str: ...
-
-    @property
-    def open_turns(self) -> list[int]: ...
-
-
-# --------------------------------------------------------------------------
 # Protocol v1
 # --------------------------------------------------------------------------
 
@@ -366,8 +145,9 @@ class _TurnSeen:
     interrupted: bool = False  # response.interrupted sent
 
 
-class ProtocolV1:
-    """Protocol v1 on one connection (docs/protocol.md); implements :class:`WireProtocol`.
+class ProtocolV1(Closing):
+    """Protocol v1's messages on one connection (docs/protocol.md): every one
+    parsed or built, and the little per-turn state the wire needs.
 
     ``origin``: the session clock's zero, from which every ``at_ms`` counts
     (the connection's start until the session exists, then the session's).
@@ -395,7 +175,7 @@ class ProtocolV1:
         if isinstance(frame, bytes):
             raise _bad_start("the first message must be session.start (got audio)")
         try:
-            message = _load_client_json(frame)
+            message = load_client_json(frame)
         except ValueError as exc:
             said = "got text that is not JSON" if str(exc) == "text frame is not JSON" else exc
             raise _bad_start(f"the first message must be session.start ({said})") from None
@@ -418,7 +198,7 @@ class ProtocolV1:
     def parse(self, text: str) -> ClientRequest:
         """A text frame after session.start; a non-fatal ``bad_message`` error if it is not one the protocol has."""
         try:
-            message = _load_client_json(text)
+            message = load_client_json(text)
         except ValueError as exc:
             raise _bad_message(str(exc)) from None
         if not isinstance(message, dict):
@@ -475,7 +255,7 @@ class ProtocolV1:
             "at_ms": self.ms(now()),
         }
 
-    def on_event(self, event: Event) -> Message | None:
+    def message_of(self, event: Event) -> Message | None:
         """The message a session event becomes (None: it stays off the wire); notes what the turns did."""
         kind = EVENT_TYPES.get(type(event))
         if kind is None or (isinstance(event, frames.TranscriptFinal) and event.speculative):
@@ -564,20 +344,15 @@ class ProtocolV1:
                 "at_ms": self.ms(stamp)}
 
     def ending(self, reason: str) -> Ending:
-        """How the connection ends for ``reason`` (a key of :data:`ENDINGS`)."""
+        """How the connection ends for ``reason``; before session.start, a shutdown just closes."""
         if reason == "shutdown" and self.start is None:
             return SHUTDOWN_BEFORE_START
-        return ENDINGS[reason]
-
-    def refusal(self, error: ProtocolError) -> Ending:
-        """How a fatal error closes the connection (a session.start refused, the server full...)."""
-        return fatal(error)
+        return super().ending(reason)
 
     def final(self, ending: Ending, at: float) -> Message | None:
         """The last event before the close: the fatal error, else session.ended, else none."""
         if ending.error is not None:
-            code, message = ending.error
-            return self.error(code, message, fatal=True, at=at)
+            return super().final(ending, at)
         if ending.ended_reason is not None:
             return {"type": MessageType.SESSION_ENDED, "reason": ending.ended_reason, "at_ms": self.ms(at)}
         return None
