@@ -24,6 +24,7 @@ from pipeline.chunker import Segmenter
 from pipeline.llm import LanguageModel
 from pipeline.runtime import BUDGETED, Budget
 from pipeline.tts import PiperSynthesizer
+from pipeline.tools import Toolbox, ToolChoice
 from pipeline.turns import Conversation, EndpointRule, TurnSettings
 from pipeline.vad import VADSettings
 
@@ -120,6 +121,10 @@ def pipeline_settings(
             await_words_ms=min(config.vad.incomplete_silence_ms, config.vad.silence_ms + 300),
             acknowledgement=config.budgets.acknowledgement,
             apology=config.budgets.apology,
+            tool_choice=ToolChoice(config.tools.choice),
+            preselect=config.tools.preselect,
+            max_tool_rounds=config.tools.max_rounds,
+            tool_apology=config.tools.apology,
         ),
         budgets=budgets_of(config),
     )
@@ -142,6 +147,7 @@ class Loaded(Protocol):
     asr_executor: Executor
     tts_executor: Executor
     turn_executor: Executor
+    toolbox: Toolbox | None
 
     def phrase(self, text: str, rate: int) -> np.ndarray: ...
 
@@ -182,4 +188,5 @@ def components_of(models: Loaded, config: Config) -> Components:
         turn_scorer=models.smart_turn,
         turn_executor=models.turn_executor,
         phrase=lambda text: models.phrase(text, rate),
+        toolbox=models.toolbox,
     )

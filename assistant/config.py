@@ -10,6 +10,7 @@ that names the key (``vad.silence_ms: expected an integer, got 'soon'``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +110,7 @@ class LLMConfig:
     history_tokens: int
     system_prompt: str
     speculative: SpeculativeConfig
+    tool_parser: Literal["none", "hermes"] = "none"
 
 
 @dataclass
@@ -131,6 +133,7 @@ class BudgetPolicies:
     end_of_speech: Literal["log"]
     asr_final: Literal["log", "commit_partial"]
     llm_first_token: Literal["log", "acknowledge"]
+    tool_call: Literal["log", "acknowledge"]
     first_chunk: Literal["log", "acknowledge"]
     tts_first_audio: Literal["log"]
     voice_to_voice: Literal["log"]
@@ -142,6 +145,7 @@ class BudgetsConfig:
     end_of_speech_ms: float
     asr_final_ms: float
     llm_first_token_ms: float
+    tool_call_ms: float
     first_chunk_ms: float
     tts_first_audio_ms: float
     voice_to_voice_ms: float
@@ -185,6 +189,47 @@ class ServerConfig:
 
 
 @dataclass
+class HttpToolConfig:
+    url: str
+    method: Literal["GET", "POST"] = "POST"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ToolConfig:
+    """A tool declared in the config: an HTTP endpoint or a command (argv, no shell)."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    keywords: list[str] = field(default_factory=list)
+    http: HttpToolConfig | None = None
+    command: list[str] | None = None
+    timeout_s: float | None = None
+
+
+@dataclass
+class MCPServerConfig:
+    """An MCP server whose tools the assistant may call: a command (stdio) or a URL (streamable HTTP)."""
+
+    command: list[str] | None = None
+    url: str | None = None
+    keywords: dict[str, list[str]] = field(default_factory=dict)  # tool name -> its keywords
+    timeout_s: float | None = None
+
+
+@dataclass
+class ToolsConfig:
+    choice: Literal["auto", "required", "none"]
+    preselect: bool
+    timeout_s: float
+    max_rounds: int
+    apology: str
+    declared: list[ToolConfig]
+    mcp: list[MCPServerConfig]
+
+
+@dataclass
 class KioskConfig:
     wake_word: str
     wake_threshold: float | None
@@ -208,6 +253,7 @@ class Config:
     echo: EchoConfig
     server: ServerConfig
     kiosk: KioskConfig
+    tools: ToolsConfig
     log_level: Literal["debug", "info", "warning", "error"] = field(default="info")
 
     def to_dict(self) -> dict[str, Any]:
@@ -255,6 +301,9 @@ _CHECKS: dict[str, tuple[Any, Any]] = {
     "budgets.end_of_speech_ms": (0, 60000),
     "budgets.asr_final_ms": (0, 60000),
     "budgets.llm_first_token_ms": (0, 60000),
+    "budgets.tool_call_ms": (0, 60000),
+    "tools.timeout_s": (0.1, 300.0),
+    "tools.max_rounds": (1, 10),
     "budgets.first_chunk_ms": (0, 60000),
     "budgets.tts_first_audio_ms": (0, 60000),
     "budgets.voice_to_voice_ms": (0, 60000),
@@ -292,7 +341,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _set_dotted(data, key.strip(), _parse_value(raw))
     config = _build(Config, data, prefix="")
     _check_ranges(config)
+    _check_tools(config.tools)
     return config
+
+
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _check_tools(tools: ToolsConfig) -> None:
+    """Each declared tool is one thing (HTTP or a command) with a usable name and
+    schema; each MCP server is reached one way."""
+    seen: set[str] = set()
+    for i, tool in enumerate(tools.declared):
+        where = f"tools.declared[{i}]"
+        if not _TOOL_NAME.match(tool.name):
+            raise ConfigError(f"{where}.name: {tool.name!r} is not a tool name (letters, digits, _ and -, up to 64)")
+        if tool.name in seen:
+            raise ConfigError(f"{where}.name: {tool.name!r} is declared twice")
+        seen.add(tool.name)
+        if (tool.http is None) == (tool.command is None):
+            raise ConfigError(f"{where}: give either http or command")
+        if tool.command is not None and (not tool.command or not all(isinstance(a, str) for a in tool.command)):
+            raise ConfigError(f"{where}.command: expected a list of strings (argv, no shell)")
+        if tool.http is not None and urlsplit(tool.http.url).scheme not in ("http", "https"):
+            raise ConfigError(f"{where}.http.url: expected an http:// or https:// URL, got {tool.http.url!r}")
+        if tool.parameters.get("type", "object") != "object":
+            raise ConfigError(f"{where}.parameters: the arguments' schema must be of type object")
+        if tool.timeout_s is not None and not 0.1 <= tool.timeout_s <= 300:
+            raise ConfigError(f"{where}.timeout_s: expected 0.1-300, got {tool.timeout_s}")
+    for i, server in enumerate(tools.mcp):
+        where = f"tools.mcp[{i}]"
+        if (server.command is None) == (server.url is None):
+            raise ConfigError(f"{where}: give either command (stdio) or url (streamable HTTP)")
+        if server.command is not None and not server.command:
+            raise ConfigError(f"{where}.command: expected a list of strings (argv, no shell)")
+        if server.url is not None and urlsplit(server.url).scheme not in ("http", "https"):
+            raise ConfigError(f"{where}.url: expected an http:// or https:// URL, got {server.url!r}")
 
 
 # A config is a few kilobytes of sections and scalars: anything much bigger,
@@ -402,7 +486,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for name, f in fields.items():
         dotted = f"{prefix}{name}"
         if name not in data:
-            if f.default is not dataclasses.MISSING:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
                 continue
             raise ConfigError(f"missing config key {dotted!r}")
         values[name] = _coerce(hints[name], data[name], dotted)
@@ -419,6 +503,11 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, dotted)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{dotted}: expected a mapping, got {value!r}")
+        key_type, item_type = typing.get_args(tp) or (Any, Any)
+        return {str(k): v if item_type is Any else _coerce(item_type, v, f"{dotted}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{dotted}: expected a list, got {value!r}")

@@ -139,6 +139,7 @@ class Models:
     llm: Any  # assistant.engine: VLLMModel (local) or RemoteModel
     silero: Any | None
     smart_turn: Any | None = None  # pipeline.turns.semantic.SmartTurn (vad.smart_turn.enabled)
+    toolbox: Any | None = None  # assistant.tools.Tools: the config's tools and MCP servers' (None: none)
     phrases: dict[str, Any] = field(default_factory=dict)
     # One thread per model, shared by every session, soonest deadline first.
     asr_executor: DeadlineExecutor = field(default_factory=lambda: DeadlineExecutor("asr"))
@@ -178,6 +179,8 @@ class Models:
         piper = loop.run_in_executor(self.tts_executor, lambda: list(self.piper.synthesize("Hello.")))
         if self.smart_turn is not None:
             await loop.run_in_executor(self.turn_executor, self.smart_turn, silence)
+        if self.toolbox is not None:
+            await self.toolbox.start()  # reach the MCP servers: their tools are known from now on
         await self.llm.connect()  # a remote engine: find its model (or note it is down)
         if self.llm.health()["state"] == "up":
             messages = [{"role": "system", "content": self.config.llm.system_prompt}, {"role": "user", "content": "Hi"}]
@@ -253,7 +256,10 @@ def load_models(config: Config, progress: Progress = print_progress) -> Models:
         from .engine import load_language_model
 
         llm = load_language_model(config, progress)
-    return Models(config=config, whisper=whisper, piper=piper, llm=llm, silero=silero, smart_turn=smart_turn)
+    from .tools import load_tools
+
+    return Models(config=config, whisper=whisper, piper=piper, llm=llm, silero=silero, smart_turn=smart_turn,
+                  toolbox=load_tools(config))
 
 
 def stop_child_processes(timeout: float = 2.0) -> int:

@@ -13,7 +13,8 @@ A face (a wire protocol, :mod:`assistant.server`) talks to a conversation
 only through the verbs below, never to a stage or the turn controller:
 feed and end input, hold it for a manual turn and commit or clear that,
 add, remove, read and truncate a message, respond, stop a reply, report
-what the client played, set the instructions. Each verb is one call into
+what the client played, set the instructions, declare the client's tools
+and hand back a call's result. Each verb is one call into
 the controller (where every rule about turns lives) or the input; none
 waits.
 
@@ -38,6 +39,7 @@ from pipeline.frames import AudioFrame, now
 from pipeline.playback import AudioOutput, PlaybackStage
 from pipeline.report import TurnReport
 from pipeline.runtime import Channel, EventBus, PipelineContext, Stage, Watchdog
+from pipeline.tools import ToolCall, ToolChoice, ToolSpec
 from pipeline.tts import TTSStage
 from pipeline.turns import Conversation, TurnController
 
@@ -299,11 +301,28 @@ class Session:
         """The client played only ``heard`` of a settled reply: the history keeps that."""
         return self.controller.truncate(turn_id, heard)
 
-    def respond(self) -> int:
+    def respond(self, tools: tuple[ToolSpec, ...] | None = None, choice: ToolChoice | None = None) -> int:
         """A reply to what the history holds now (after the words of any buffer
-        committed before); its turn id. It plays as soon as the floor is free."""
+        committed before); its turn id. It plays as soon as the floor is free.
+        ``tools`` / ``choice``: the client's tools and choice for this reply only."""
         turn_id = self.open_turn()
-        self.controller.respond(turn_id)
+        self.controller.respond(turn_id, tools, choice)
+        return turn_id
+
+    def set_tools(self, tools: tuple[ToolSpec, ...], choice: ToolChoice | None = None) -> None:
+        """The client's own tools from now on (it runs their calls), beside the process's."""
+        self.controller.set_tools(tools, choice)
+
+    def add_call(self, call: ToolCall) -> int:
+        """A function call the client puts into the history itself; its turn id."""
+        turn_id = self.open_turn()
+        self.controller.add_call(turn_id, call)
+        return turn_id
+
+    def add_result(self, call_id: str, output: str) -> int:
+        """The result of a call the client ran, with the call in the history; its turn id."""
+        turn_id = self.open_turn()
+        self.controller.add_result(turn_id, call_id, output)
         return turn_id
 
     def stop_reply(self, turn_id: int, reason: str) -> None:

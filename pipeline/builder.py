@@ -29,6 +29,7 @@ from .frames import END, AudioFrame
 from .llm import LanguageModel, LLMStage
 from .playback import AudioOutput, PlaybackStage
 from .runtime import Budget, EventBus, PipelineContext, Stage, TurnRegistry, Watchdog, connect, run_stages
+from .tools import Toolbox, ToolStage
 from .tts import Synthesizer, TTSStage
 from .turns import Conversation, Stages, TurnController, TurnSettings
 from .vad import FrameClassifier, VADSettings, VADStage
@@ -89,6 +90,8 @@ class Components:
     classifier: FrameClassifier | None = None
     # Canned phrase audio at the output rate (acknowledgement, apology).
     phrase: Callable[[str], np.ndarray] | None = None
+    # The tools this process runs itself (config, MCP servers); None: none.
+    toolbox: Toolbox | None = None
 
 
 @dataclass
@@ -102,11 +105,13 @@ class Pipeline:
     chunker: ChunkerStage
     tts: TTSStage
     playback: PlaybackStage
+    tools: ToolStage  # beside the chain: the controller sends it calls
     controller: TurnController
     watchdog: Watchdog
 
     @property
     def stages(self) -> list[Stage]:
+        """The chain, in order."""
         return [self.vad, self.asr, self.llm, self.chunker, self.tts, self.playback]
 
     @property
@@ -131,9 +136,16 @@ class Pipeline:
             finally:
                 await self.vad.inbox.put(END)
 
+        async def chain() -> None:
+            try:
+                await run_stages(self.stages)
+            finally:
+                self.tools.inbox.put_nowait(END)  # nothing calls once the chain is done
+
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(run_stages(self.stages), name="stages")
+                group.create_task(chain(), name="stages")
+                group.create_task(self.tools.run(), name="stage:tools")
                 group.create_task(feed(), name="feed")
         finally:
             self.watchdog.close()
@@ -173,10 +185,13 @@ def build_pipeline(
     )
     tts = TTSStage(ctx, components.synthesizer, components.tts_executor, settings.output_rate)
     playback = PlaybackStage(ctx, output)
+    tools = ToolStage(ctx, components.toolbox)
     controller = TurnController(
-        ctx, conversation, settings.turns, Stages(vad=vad, asr=asr, llm=llm, playback=playback), components.phrase
+        ctx, conversation, settings.turns, Stages(vad=vad, asr=asr, llm=llm, playback=playback, tools=tools),
+        components.phrase,
     )
     playback.gate = controller
+    llm.steps_pending = controller.steps_pending
     observe = getattr(output, "observe", None)
     if observe is not None:
         bus.subscribe(observe)
@@ -188,8 +203,10 @@ def build_pipeline(
         chunker=chunker,
         tts=tts,
         playback=playback,
+        tools=tools,
         controller=controller,
         watchdog=Watchdog(bus, list(settings.budgets)),
     )
     connect(ctx, pipeline.stages)
+    ctx.turns.attach(tools.inbox, reply=True)
     return pipeline

@@ -22,11 +22,14 @@ below (:mod:`audio.frame`) and are re-exported here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from audio.frame import AudioFrame, now
+
+if TYPE_CHECKING:
+    from .tools import ToolCall, ToolChoice, ToolSpec
 
 __all__ = [
     "AudioFrame",
@@ -41,9 +44,13 @@ __all__ = [
     "TranscriptEmpty",
     "ReplyRequest",
     "TranscribeRequest",
+    "ToolRequest",
     "BufferTranscribed",
     "LLMToken",
     "LLMDone",
+    "ToolCallDelta",
+    "ToolCalled",
+    "ToolResult",
     "TextChunk",
     "TTSAudio",
     "TTSFirstAudio",
@@ -86,6 +93,21 @@ class ReplyRequest:
 
     turn_id: int
     text: str
+    # The tools the model may call in this reply, and how it must choose
+    # (pipeline/tools.py); none: a plain answer.
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice | None = None
+    # Say exactly this instead of asking the model (an apology after a
+    # failed call; "" ends a reply whose calls the client runs).
+    say: str | None = None
+
+
+@dataclass(slots=True)
+class ToolRequest:
+    """A command from the turn controller to the tool stage: run this call."""
+
+    turn_id: int
+    call: ToolCall
 
 
 @dataclass(slots=True)
@@ -232,6 +254,34 @@ class LLMDone(Event):
 
 
 @dataclass(slots=True, kw_only=True)
+class ToolCallDelta(Event):
+    """A piece of a call's arguments as the model writes them (the first names the tool)."""
+
+    call_id: str
+    name: str
+    delta: str
+
+
+@dataclass(slots=True, kw_only=True)
+class ToolCalled(Event):
+    """The model's reply ended in calls (after ``text``, said before them, if any)."""
+
+    calls: tuple[ToolCall, ...]
+    text: str = ""
+
+
+@dataclass(slots=True, kw_only=True)
+class ToolResult(Event):
+    """A call this process ran came back: ``output``, or ``error`` (failed, timed out, unusable)."""
+
+    call_id: str
+    name: str
+    output: str
+    error: str | None = None
+    elapsed_ms: float = 0.0
+
+
+@dataclass(slots=True, kw_only=True)
 class TextChunk(Event):
     """A speakable piece of the reply, cleaned of markdown, emoji and URLs."""
 
@@ -347,4 +397,4 @@ class EndOfStream:
 
 END = EndOfStream()
 
-Frame = AudioFrame | TTSAudio | ReplyRequest | TranscribeRequest | Event | EndOfStream
+Frame = AudioFrame | TTSAudio | ReplyRequest | TranscribeRequest | ToolRequest | Event | EndOfStream

@@ -24,7 +24,11 @@ spoken, the request is aborted.
 
 Every reply, a session's and the Wyoming conversation agent's, goes through
 one loop, :class:`ReplyStream`: the runaway guard, the abort, the error
-phrase.
+phrase, and the function calls the model makes (:mod:`pipeline.tools`):
+the engine yields a call's pieces as :class:`CallPiece`, the stream joins
+them into :class:`~pipeline.tools.ToolCall` s, and a reply that ends in
+calls ends this step of the turn with :class:`~pipeline.frames.ToolCalled`
+(the turn controller decides what follows) instead of ``LLMDone``.
 
 The prompt comes from the session's conversation history
 (:class:`pipeline.turns.Conversation`), which only the turn controller
@@ -36,12 +40,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
-from .frames import LLMDone, LLMToken, ReplyRequest, StageError
+from .frames import LLMDone, LLMToken, ReplyRequest, StageError, ToolCallDelta, ToolCalled
 from .runtime import PipelineContext, Stage
+from .tools import NO_TOOLS, ToolCall, ToolChoice, ToolSpec, new_call_id, offered
 
 log = logging.getLogger("pipeline.llm")
 
@@ -68,14 +74,36 @@ class EngineUnavailable(RuntimeError):
     message is a sentence that says why (logged on one line, no traceback)."""
 
 
+@dataclass(frozen=True, slots=True)
+class CallPiece:
+    """A piece of a function call as an engine streams it: the call at
+    ``index`` (its id and name come with its first piece), and more of its
+    JSON arguments."""
+
+    index: int
+    arguments: str
+    call_id: str | None = None
+    name: str | None = None
+
+
+Message = dict[str, Any]  # OpenAI chat format: role, content, tool_calls, tool_call_id
+
+
 class LanguageModel(Protocol):
     """What the stage needs from an engine."""
 
     def stream(
-        self, messages: list[dict[str, str]], request_id: str, session_id: str = ""
-    ) -> AsyncIterator[tuple[str, str | None]]:
-        """Yield ``(text_delta, finish_reason_or_None)`` pairs. ``session_id``
-        lets a router keep a session on the replica that caches its prefix."""
+        self,
+        messages: list[Message],
+        request_id: str,
+        session_id: str = "",
+        tools: Sequence[ToolSpec] = (),
+        tool_choice: ToolChoice = NO_TOOLS,
+    ) -> AsyncIterator[tuple[str, str | None] | CallPiece]:
+        """Yield ``(text_delta, finish_reason_or_None)`` pairs, and the
+        :class:`CallPiece` s of any call the model makes to ``tools`` (a
+        forced ``tool_choice`` must yield one). ``session_id`` lets a router
+        keep a session on the replica that caches its prefix."""
         ...
 
     async def abort(self, request_id: str) -> None: ...
@@ -99,26 +127,50 @@ class ReplyStream:
     def __init__(
         self,
         model: LanguageModel,
-        messages: list[dict[str, str]],
+        messages: list[Message],
         request_id: str,
         session_id: str = "",
         error_reply: str = "",
         on_failure: Callable[[str], None] | None = None,
+        tools: Sequence[ToolSpec] = (),
+        tool_choice: ToolChoice = NO_TOOLS,
+        on_call: Callable[[str, str, str], None] | None = None,
     ) -> None:
+        """``on_call(call_id, name, arguments_delta)``: each piece of a call's arguments."""
         self.model = model
         self.request_id = request_id
         self.error_reply = error_reply
         self.on_failure = on_failure
+        self.on_call = on_call
         self.parts: list[str] = []
         self.finish_reason: str | None = None
         self.failure: str | None = None
+        self._calls: dict[int, list[str]] = {}  # index -> [call id, name, arguments]
         self._finished = False
-        self._stream = model.stream(messages, request_id, session_id)
+        self._stream = (model.stream(messages, request_id, session_id, tools, tool_choice) if tools
+                        else model.stream(messages, request_id, session_id))
         self._deltas_gen: Any = None
 
     @property
     def text(self) -> str:
         return "".join(self.parts).strip()
+
+    @property
+    def calls(self) -> tuple[ToolCall, ...]:
+        """The calls the model made, in order (none once the engine failed)."""
+        if self.failure is not None:
+            return ()
+        return tuple(ToolCall(c[0], c[1], c[2]) for _, c in sorted(self._calls.items()) if c[1])
+
+    def _call_piece(self, piece: CallPiece) -> None:
+        call = self._calls.get(piece.index)
+        if call is None:
+            call = self._calls[piece.index] = [piece.call_id or new_call_id(), piece.name or "", ""]
+        elif piece.name and not call[1]:
+            call[1] = piece.name
+        call[2] += piece.arguments
+        if self.on_call is not None and call[1]:
+            self.on_call(call[0], call[1], piece.arguments)
 
     async def __aenter__(self) -> ReplyStream:
         return self
@@ -141,7 +193,11 @@ class ReplyStream:
     async def _deltas(self) -> AsyncIterator[str]:
         written = ""
         try:
-            async for delta, reason in self._stream:
+            async for item in self._stream:
+                if isinstance(item, CallPiece):
+                    self._call_piece(item)
+                    continue
+                delta, reason = item
                 if delta:
                     self.parts.append(delta)
                     yield delta
@@ -174,7 +230,7 @@ class ReplyStream:
 class PromptSource(Protocol):
     """Where the stage reads a turn's prompt (the turn controller's history)."""
 
-    def messages(self, upto: int | None = None) -> list[dict[str, str]]: ...
+    def messages(self, upto: int | None = None) -> list[Message]: ...
 
 
 class LLMStage(Stage):
@@ -197,6 +253,11 @@ class LLMStage(Stage):
         self.history = history
         self.session_id = session_id
         self.error_reply = error_reply
+        # The turn controller's: a turn's calls are out, its answer is still to be asked for here.
+        self.steps_pending: Callable[[], bool] = lambda: False
+
+    def holds_end(self) -> bool:
+        return self.steps_pending()
 
     async def handle(self, item: Any) -> None:
         if not isinstance(item, ReplyRequest):
@@ -207,10 +268,25 @@ class LLMStage(Stage):
         def failed(why: str) -> None:
             self.publish(StageError(turn_id=turn_id, stage=self.name, message=why))
 
+        if item.say is not None:  # said as it is: no model asked
+            if item.say:
+                await self.send(LLMToken(turn_id=turn_id, text=item.say, index=0))
+            await self.send(LLMDone(turn_id=turn_id, text=item.say, tokens=0, finish_reason="stop"))
+            return
+
+        def call_delta(call_id: str, name: str, delta: str) -> None:
+            self.publish(ToolCallDelta(turn_id=turn_id, call_id=call_id, name=name, delta=delta))
+
+        choice = item.tool_choice or NO_TOOLS
+        tools = offered(item.tools, choice)
         request_id = f"{self.session_id}-t{turn_id}-{next(self._ids)}"
         messages = self.history.messages(upto=turn_id)
-        async with ReplyStream(self.model, messages, request_id, self.session_id, self.error_reply, failed) as reply:
+        async with ReplyStream(self.model, messages, request_id, self.session_id, self.error_reply, failed,
+                               tools, choice if tools else NO_TOOLS, call_delta) as reply:
             async for delta in reply:
                 await self.send(LLMToken(turn_id=turn_id, text=delta, index=len(reply.parts) - 1))
+        if reply.calls:  # this step ends in calls: the controller decides what follows
+            self.publish(ToolCalled(turn_id=turn_id, calls=reply.calls, text=reply.text))
+            return
         await self.send(LLMDone(turn_id=turn_id, text=reply.text, tokens=len(reply.parts),
                                 finish_reason=reply.finish_reason))

@@ -34,6 +34,8 @@ from .frames import (
     SpeechStarted,
     SpeechStopped,
     TextChunk,
+    ToolCalled,
+    ToolResult,
     TranscriptFinal,
     TTSDone,
     TTSFirstAudio,
@@ -104,6 +106,8 @@ MILESTONES: tuple[Milestone, ...] = (
     Milestone("speech_end",       True,   True),          # last voiced frame of the turn
     Milestone("vad_end",          True,   True),          # the VAD ended the turn (after the hangover)
     Milestone("asr_final",        True,   True),          # the final transcript
+    Milestone("tool_start",       True,   False,  True),  # the reply called a tool (its first call)
+    Milestone("tool_done",        True,   False,  True),  # the first call's result came back
     Milestone("llm_first_token",  True,   True,   True),  # the reply's first token
     Milestone("first_chunk",      True,   False,  True),  # its first speakable chunk
     Milestone("tts_first_audio",  True,   False,  True),  # its first synthesized audio
@@ -121,6 +125,7 @@ SPANS: tuple[Span, ...] = (
     Span("end_of_speech",         "speech_end",      "vad_end",          True,  True,  True),
     Span("asr_final",             "vad_end",         "asr_final",        True,  True,  True),
     Span("llm_first_token",       "asr_final",       "llm_first_token",  True,  True,  True),
+    Span("tool_call",             "tool_start",      "tool_done",        True,  True,  False),
     Span("first_chunk",           "llm_first_token", "first_chunk",      True,  True,  False),
     Span("tts_first_audio",       "first_chunk",     "tts_first_audio",  True,  True,  False),
     Span("audio_out",             "tts_first_audio", "first_audio_out",  False, True,  False),
@@ -162,6 +167,10 @@ def milestones_of(event: Event) -> list[tuple[str, float]]:
             return [("llm_first_token", event.at)]
         case LLMDone():
             return [("llm_done", event.at)]
+        case ToolCalled():
+            return [("tool_start", event.at)]
+        case ToolResult():
+            return [("tool_done", event.at)]
         case TextChunk() if event.text:
             return [("first_chunk", event.at)]
         case TTSFirstAudio():

@@ -304,6 +304,10 @@ class PipelineContext:
         return self.turns.cancel(turn_id, reason)
 
 
+END_HOLD_S = 60.0
+"""The longest a stage holds the end of input for work still to come back (a hung tool)."""
+
+
 class Stage(ABC):
     """A pipeline stage: a task that turns input items into output items.
 
@@ -341,9 +345,21 @@ class Stage(ABC):
     def publish(self, event: Event) -> None:
         self.ctx.bus.publish(event)
 
+    def holds_end(self) -> bool:
+        """Whether the end of input must wait: work still to come back to this
+        stage (a reply's answer after its function calls). Default: never."""
+        return False
+
     async def run(self) -> None:
+        held_since: float | None = None
         while True:
             item = await self.inbox.get()
+            if isinstance(item, EndOfStream) and self.holds_end():
+                held_since = now() if held_since is None else held_since
+                if now() - held_since < END_HOLD_S:
+                    await asyncio.sleep(0.02)
+                    self.inbox.put_nowait(item)  # behind what comes back meanwhile
+                    continue
             if isinstance(item, EndOfStream):
                 await self.finish()
                 if self.outbox is not None:

@@ -125,10 +125,21 @@ class FakeSession:
         self.calls.append(("truncate", turn_id, heard))
         return True
 
-    def respond(self) -> int:
+    def respond(self, tools: Any = None, choice: Any = None) -> int:
         turn = self._turn()
-        self.calls.append(("respond", turn))
+        self.calls.append(("respond", turn) if tools is None and choice is None else ("respond", turn, tools, choice))
         return turn
+
+    def set_tools(self, tools: Any, choice: Any = None) -> None:
+        self.calls.append(("set_tools", tuple(t.name for t in tools), choice))
+
+    def add_call(self, call: Any) -> int:
+        self.calls.append(("add_call", call.call_id, call.name))
+        return self._turn()
+
+    def add_result(self, call_id: str, output: str) -> int:
+        self.calls.append(("add_result", call_id, output))
+        return self._turn()
 
     def stop_reply(self, turn_id: int, reason: str) -> None:
         self.calls.append(("stop_reply", turn_id))
@@ -163,3 +174,71 @@ class FakeLink:
 
     def heard(self, turn_id: int, voice_to_voice_ms: float) -> None:
         self.figures.append((turn_id, voice_to_voice_ms))
+
+
+class FakeToolLLM(FakeLLM):
+    """Calls the tool it is made to (a forced ``tool_choice``) with a city, in two
+    pieces; otherwise answers from the last tool result in its prompt, if any."""
+
+    def __init__(self, city: str = "Paris") -> None:
+        super().__init__()
+        self.city = city
+        self.choices: list[Any] = []
+
+    async def stream(  # type: ignore[override]
+        self, messages: list[dict[str, Any]], request_id: str, session_id: str = "", tools: Any = (),
+        tool_choice: Any = None,
+    ) -> AsyncIterator[Any]:
+        from pipeline.llm import CallPiece
+
+        self.prompts.append(messages)
+        self.choices.append(tool_choice if tools else None)  # None: no tools offered
+        self.live.add(request_id)
+        try:
+            if tools and tool_choice is not None and tool_choice.forced:
+                await asyncio.sleep(0.02)
+                yield CallPiece(0, '{"city": ', "call_1", tools[0].name)
+                await asyncio.sleep(0.02)
+                yield CallPiece(0, f'"{self.city}"}}')
+                yield "", "tool_calls"
+                return
+            results = [m["content"] for m in messages if m["role"] == "tool"]
+            words = f"It says: {results[-1]}" if results else "You said it, and here is my answer."
+            for word in words.split():
+                await asyncio.sleep(0.02)
+                yield word + " ", None
+            yield "", "stop"
+        finally:
+            self.live.discard(request_id)
+
+
+class FakeToolbox:
+    """One weather tool that answers, fails, hangs or returns garbage, as told."""
+
+    def __init__(self, behaviour: str = "answer", timeout_s: float = 5.0) -> None:
+        from pipeline.tools import ToolSpec
+
+        self.behaviour = behaviour
+        self._timeout_s = timeout_s
+        self.calls: list[dict[str, Any]] = []
+        self.cancelled = 0
+        self.specs = [ToolSpec("get_weather", "Current weather for a city.",
+                               {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+                               keywords=("weather", "rain"))]
+
+    def timeout_s(self, name: str) -> float:
+        return self._timeout_s
+
+    async def call(self, name: str, arguments: dict[str, Any]) -> Any:
+        self.calls.append(arguments)
+        if self.behaviour == "fail":
+            raise RuntimeError("the weather service answered 503")
+        if self.behaviour == "garbage":
+            return {"not": "text"}
+        if self.behaviour == "hang":
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        return f"Sunny and 18 degrees in {arguments.get('city')}."

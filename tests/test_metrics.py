@@ -10,7 +10,10 @@ import pytest
 
 from assistant.config import BudgetPolicies, BudgetsConfig, load_config
 from assistant.evaluation import plot
+from pipeline.tools import ToolCall
 from pipeline.frames import (
+    ToolCalled,
+    ToolResult,
     Event,
     LLMDone,
     LLMToken,
@@ -62,7 +65,8 @@ def test_names_are_unique_and_every_span_runs_forward_between_known_milestones()
 
 def test_every_budgeted_span_has_its_milestones_and_a_config_key() -> None:
     assert [s.name for s in BUDGETED_SPANS] == [
-        "end_of_speech", "asr_final", "llm_first_token", "first_chunk", "tts_first_audio", "voice_to_voice", "turn",
+        "end_of_speech", "asr_final", "llm_first_token", "tool_call", "first_chunk", "tts_first_audio",
+        "voice_to_voice", "turn",
     ]
     budget_fields = {f.name for f in dataclasses.fields(BudgetsConfig)}
     policy_fields = {f.name for f in dataclasses.fields(BudgetPolicies)}
@@ -76,8 +80,8 @@ def test_every_budgeted_span_has_its_milestones_and_a_config_key() -> None:
 
 def test_the_reports_list_only_their_own_milestones() -> None:
     assert REPORT_MILESTONES == (
-        "speech_start", "speech_end", "vad_end", "asr_final", "llm_first_token", "first_chunk",
-        "tts_first_audio", "first_audio_out", "reply_end",
+        "speech_start", "speech_end", "vad_end", "asr_final", "tool_start", "tool_done", "llm_first_token",
+        "first_chunk", "tts_first_audio", "first_audio_out", "reply_end",
     )
     assert NAIVE_MILESTONES == (
         "speech_start", "speech_end", "vad_end", "asr_final", "llm_first_token", "llm_done", "tts_done",
@@ -91,7 +95,7 @@ def test_the_reports_list_only_their_own_milestones() -> None:
     shared = {s.name for s in REPORT_SPANS} & {s.name for s in NAIVE_SPANS}
     assert shared == {"end_of_speech", "asr_final", "llm_first_token", "voice_to_voice"}
     assert REPORT_SPANS[-1].name == NAIVE_SPANS[-1].name == "voice_to_voice"
-    assert set(REPLY_MILESTONES) == {"llm_first_token", "first_chunk", "tts_first_audio", "llm_done"}
+    assert set(REPLY_MILESTONES) == {"tool_start", "tool_done", "llm_first_token", "first_chunk", "tts_first_audio", "llm_done"}
 
 
 def _one_of_each(turn: int = 1) -> list[Event]:
@@ -101,6 +105,8 @@ def _one_of_each(turn: int = 1) -> list[Event]:
         SpeechPaused(turn_id=turn, at=1.6, last_voiced_at=1.5),
         SpeechStopped(turn_id=turn, at=3.0, last_voiced_at=2.0, last_voiced_position=32000),
         TranscriptFinal(turn_id=turn, at=3.1, text="Hello there."),
+        ToolCalled(turn_id=turn, at=3.15, calls=(ToolCall("c1", "get_time", "{}"),)),
+        ToolResult(turn_id=turn, at=3.2, call_id="c1", name="get_time", output="noon"),
         LLMToken(turn_id=turn, at=3.3, text="Hi", index=0),
         TextChunk(turn_id=turn, at=3.4, text="Hi there.", index=0, last=True),
         TTSFirstAudio(turn_id=turn, at=3.6, chunk_index=0),

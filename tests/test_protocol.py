@@ -22,6 +22,7 @@ from assistant.server.v1.face import V1Face
 from assistant.server.output import WebSocketOutput
 from helpers import ROOT
 from pipeline import frames
+from pipeline.tools import ToolCall
 
 ORIGIN = 100.0
 # Protocol v1's part of the file: the OpenAI Realtime section after it has its own names.
@@ -241,6 +242,12 @@ EVENTS: list[tuple[Any, dict[str, Any]]] = [
                       onset_at=AT - 0.3, stopped_at=AT - 0.04, by_turn=3),
      {"type": "response.interrupted", "turn_id": 2, "heard_text": "The capital", "played_samples": 48000,
       "stop_ms": 260.0, "by_turn": 3, "at_ms": 1500.0}),
+    (frames.ToolCalled(turn_id=2, at=AT, calls=(ToolCall("c1", "get_weather", '{"city": "Paris"}'),)),
+     {"type": "tool.call", "turn_id": 2, "calls": [{"call_id": "c1", "name": "get_weather",
+                                                   "arguments": '{"city": "Paris"}'}], "at_ms": 1500.0}),
+    (frames.ToolResult(turn_id=2, at=AT, call_id="c1", name="get_weather", output="Sunny", elapsed_ms=42.0),
+     {"type": "tool.result", "turn_id": 2, "call_id": "c1", "name": "get_weather", "output": "Sunny", "error": None,
+      "elapsed_ms": 42.0, "at_ms": 1500.0}),
     (frames.BudgetExceeded(turn_id=2, at=AT, stage="llm_first_token", budget_ms=800, elapsed_ms=800.4,
                            policy="acknowledge"),
      {"type": "budget.exceeded", "turn_id": 2, "stage": "llm_first_token", "budget_ms": 800, "elapsed_ms": 800.4,

@@ -61,10 +61,10 @@ def validated(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return events
 
 
-def pcm24(tmp_path: Path, name: str) -> Path:
+def pcm24(tmp_path: Path, name: str, folder: str = "questions") -> Path:
     """A committed question as raw PCM16 at 24 kHz, the rate of this wire."""
     resampler = Resampler(16000, 24000)
-    pcm = np.concatenate([resampler.process(load_pcm(ASSETS / "questions" / f"{name}.wav")), resampler.flush()])
+    pcm = np.concatenate([resampler.process(load_pcm(ASSETS / folder / f"{name}.wav")), resampler.flush()])
     path = tmp_path / f"{name}.pcm"
     path.write_bytes(pcm.astype("<i2").tobytes())
     return path
@@ -236,6 +236,40 @@ def ws_voice_to_voice(run: Any, models: Any, config: Config) -> tuple[float, dic
     return serve(run, models, config, body)
 
 
+def test_sdk_function_call_with_the_default_model_then_the_spoken_answer(
+    models: Any, config: Config, run: Any, tmp_path: Path
+) -> None:
+    """The official SDK declares get_weather and names it in tool_choice; a spoken question makes the
+    default model call it (under its schema) with the city heard; the client's output goes back and
+    the answer is spoken. Every server event validates against the SDK's own types."""
+    forecast = "Sunny and 18 degrees Celsius"
+    plan = {"scenario": "tool", "question": str(pcm24(tmp_path, "weather_london", "tools")), "forecast": forecast}
+    lines, history = sdk_lines_and_history(run, models, plan)
+    events = validated(lines)
+    assert "error" not in kinds(events), of(events, "error")
+    heard = of(events, "conversation.item.input_audio_transcription.completed")[0]["transcript"]
+    first, second = [e["response"] for e in of(events, "response.done")][:2]
+    # The first response is the call: one function_call item, no message, valid JSON naming the city heard.
+    assert first["status"] == "completed" and [o["type"] for o in first["output"]] == ["function_call"]
+    call = first["output"][0]
+    assert call["name"] == "get_weather" and call["status"] == "completed"
+    city = json.loads(call["arguments"])["city"]
+    assert isinstance(city, str) and city.strip() and city.strip().lower() in heard.lower(), (city, heard)
+    deltas = [e["delta"] for e in of(events, "response.function_call_arguments.delta") if e["call_id"] == call["call_id"]]
+    done = [e for e in of(events, "response.function_call_arguments.done") if e["call_id"] == call["call_id"]]
+    assert "".join(deltas) == done[0]["arguments"] == call["arguments"]
+    assert not [e for e in of(events, "response.output_audio.delta") if e["response_id"] == first["id"]]
+    # The second answers, spoken, with the output in its prompt.
+    assert second["status"] == "completed" and [o["type"] for o in second["output"]] == ["message"]
+    assert [e for e in of(events, "response.output_audio.delta") if e["response_id"] == second["id"]]
+    assert second["output"][0]["content"][0]["transcript"].strip()
+    assert_response_order(events, second["id"])
+    roles = [(t["role"], t.get("content")) for t in history]
+    tool_at = roles.index(("tool", f"{forecast} in {city}."))
+    assert roles[tool_at - 1][0] == "assistant" and "tool_calls" in history[tool_at - 1]
+    assert roles[tool_at + 1][0] == "assistant" and roles[tool_at + 1][1]
+
+
 def test_sdk_barge_in_cancel_and_truncate_keep_only_the_heard_words(
     models: Any, config: Config, run: Any, tmp_path: Path
 ) -> None:
@@ -335,6 +369,11 @@ def test_agents_sdk_spoken_turn(models: Any, config: Config, run: Any, tmp_path:
         return [json.loads(line) for line in stdout.decode().splitlines() if line.startswith("{")]
 
     lines = serve(run, models, config, body, token="test-key")
+    check_agents_lines(lines, "What is the capital of France?")
+
+
+def check_agents_lines(lines: list[dict[str, Any]], question: str) -> list[dict[str, Any]]:
+    """Every event the Agents SDK client saw is valid, none an error; a spoken answer came."""
     for line in lines:  # what the Agents SDK client saw, for a failure's report
         print(json.dumps(line)[:300])
     assert lines[-1].get("mark") == "done", lines[-5:]
@@ -343,7 +382,37 @@ def test_agents_sdk_spoken_turn(models: Any, config: Config, run: Any, tmp_path:
     order = kinds(events)
     assert order[0] == "session.created" and "session.updated" in order and "error" not in order
     user = of(events, "conversation.item.input_audio_transcription.completed")[0]
-    assert word_error_rate("What is the capital of France?", user["transcript"]) <= 0.2
+    assert word_error_rate(question, user["transcript"]) <= 0.2
     done = of(events, "response.done")[-1]["response"]
     assert done["status"] == "completed" and of(events, "response.output_audio.delta")
     assert_response_order(events, done["id"])
+    return events
+
+
+def test_agents_sdk_runs_a_forced_tool_and_the_answer_is_spoken(
+    models: Any, config: Config, run: Any, tmp_path: Path
+) -> None:
+    """The Agents SDK's tool flow: a RealtimeAgent with get_weather and tool_choice naming it; the SDK
+    runs the call the server streams, sends its output and asks again; the answer is spoken."""
+    script = agents_client()
+    question = pcm24(tmp_path, "weather_london", "tools")
+
+    async def body(server: Server) -> list[dict[str, Any]]:
+        url = f"ws://127.0.0.1:{server.port}/v1/realtime?model=local-model"
+        process = await asyncio.create_subprocess_exec(
+            "node", str(script), url, str(question), "--tool", cwd=CLIENTS,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 200)
+        assert process.returncode == 0, stderr.decode()[-3000:]
+        return [json.loads(line) for line in stdout.decode().splitlines() if line.startswith("{")]
+
+    lines = serve(run, models, config, body, token="test-key")
+    events = check_agents_lines(lines, "Is it going to rain in London tomorrow?")
+    (start,) = [line for line in lines if line.get("mark") == "tool_start"]
+    (end,) = [line for line in lines if line.get("mark") == "tool_end"]
+    assert start["name"] == "get_weather" and isinstance(json.loads(start["arguments"])["city"], str)
+    assert end["result"].startswith("Sunny, 18 degrees Celsius in")
+    dones = [e["response"] for e in of(events, "response.done")]
+    assert [o["type"] for o in dones[0]["output"]] == ["function_call"]
+    assert [o["type"] for o in dones[-1]["output"]] == ["message"]

@@ -32,6 +32,7 @@ from assistant.server.realtime.codec import (
 from assistant.server.realtime.face import RealtimeFace
 from fakes import FakeLink, FakeSession
 from pipeline import frames
+from pipeline.tools import ToolCall, ToolChoice
 
 ORIGIN = 50.0
 
@@ -95,7 +96,19 @@ def test_requests_parse_into_typed_values() -> None:
          "invalid_value", "session.audio.input.format"),
         ('{"type": "session.update", "session": {"max_output_tokens": 0}}', "invalid_value",
          "session.max_output_tokens"),
-        ('{"type": "conversation.item.create", "item": {"type": "function_call"}}', "invalid_value", "item.type"),
+        ('{"type": "conversation.item.create", "item": {"type": "image"}}', "invalid_value", "item.type"),
+        ('{"type": "conversation.item.create", "item": {"type": "function_call"}}', "invalid_type", "item.call_id"),
+        ('{"type": "conversation.item.create", "item": {"type": "function_call_output", "call_id": "c"}}',
+         "invalid_type", "item.output"),
+        ('{"type": "conversation.item.create", "item": {"type": "function_call", "call_id": "c", "name": "a b"}}',
+         "invalid_value", "item.name"),
+        ('{"type": "session.update", "session": {"tools": [{"type": "mcp"}]}}', "invalid_value", "session.tools[0].type"),
+        ('{"type": "session.update", "session": {"tools": [{"name": "x", "parameters": {"type": "string"}}]}}',
+         "invalid_type", "session.tools[0]"),
+        ('{"type": "session.update", "session": {"tool_choice": {"type": "function", "name": "nope"}}}',
+         "invalid_value", "session.tool_choice"),
+        ('{"type": "response.create", "response": {"tool_choice": "sometimes"}}', "invalid_value",
+         "response.tool_choice"),
         ('{"type": "conversation.item.truncate", "item_id": "x", "audio_end_ms": -1}', "invalid_value",
          "audio_end_ms"),
     ],
@@ -250,3 +263,72 @@ def test_binary_frames_are_not_this_protocol() -> None:
         rt.receive(b"\x00\x00")
     assert not caught.value.fatal and "input_audio_buffer.append" in caught.value.message
     assert link.fed == []
+
+
+def test_function_calls_are_openais_items_and_events_and_their_outputs_come_back() -> None:
+    rt, session, _ = bound()
+    weather = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    update = {"type": "session.update",
+              "session": {"tools": [weather], "tool_choice": {"type": "function", "name": "get_weather"}}}
+    (updated,) = valid(rt.receive(json.dumps(update)))
+    assert updated["session"]["tools"] == [weather]
+    assert updated["session"]["tool_choice"] == {"type": "function", "name": "get_weather"}
+    assert ("set_tools", ("get_weather",), ToolChoice("named", "get_weather")) in session.calls
+    out: list[dict[str, Any]] = []
+    call = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
+    for event in [
+        frames.SpeechStarted(turn_id=1, onset_at=1.0, onset_position=0),
+        frames.SpeechStopped(turn_id=1, last_voiced_at=2.0, last_voiced_position=16000),
+        frames.TranscriptFinal(turn_id=1, text="What's the weather in Paris?"),
+        frames.ToolCallDelta(turn_id=1, call_id="call_1", name="get_weather", delta='{"city": '),
+        frames.ToolCallDelta(turn_id=1, call_id="call_1", name="get_weather", delta='"Paris"}'),
+        frames.ToolCalled(turn_id=1, calls=(call,)),
+        frames.LLMDone(turn_id=1, text="", tokens=0, finish_reason="stop"),
+        frames.TurnCompleted(turn_id=1),
+    ]:
+        out += valid(rt.on_event(event))
+    response = kinds(out)[kinds(out).index("response.created"):]
+    assert response == [
+        "response.created", "response.output_item.added", "conversation.item.added",
+        "response.function_call_arguments.delta", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done", "conversation.item.done",
+        "response.done",
+    ]  # a forced call: no message item, no audio
+    done = out[-1]["response"]
+    assert done["status"] == "completed" and [o["type"] for o in done["output"]] == ["function_call"]
+    item = done["output"][0]
+    assert (item["call_id"], item["name"], json.loads(item["arguments"])) == ("call_1", "get_weather", {"city": "Paris"})
+    assert out[-4]["arguments"] == '{"city": "Paris"}' and out[-4]["call_id"] == "call_1"
+    # The client runs it and sends the output, then asks for the answer.
+    output = {"type": "conversation.item.create",
+              "item": {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 18 degrees."}}
+    added = valid(rt.receive(json.dumps(output)))
+    assert kinds(added) == ["conversation.item.added", "conversation.item.done"]
+    assert added[1]["item"]["output"] == "Sunny, 18 degrees." and ("add_result", "call_1", "Sunny, 18 degrees.") in session.calls
+    started = valid(rt.receive('{"type": "response.create"}'))
+    assert "response.content_part.added" in kinds(started)  # the answer: a message this time
+    # A function_call item the client makes itself goes into the history too.
+    made = {"type": "conversation.item.create",
+            "item": {"type": "function_call", "call_id": "c9", "name": "get_weather", "arguments": "{}"}}
+    assert kinds(valid(rt.receive(json.dumps(made)))) == ["conversation.item.added", "conversation.item.done"]
+    assert ("add_call", "c9", "get_weather") in session.calls
+
+
+def test_calls_to_tools_this_process_runs_stay_off_the_realtime_wire() -> None:
+    rt, _, _ = bound()
+    out: list[dict[str, Any]] = []
+    for event in [
+        frames.SpeechStarted(turn_id=1, onset_at=1.0, onset_position=0),
+        frames.SpeechStopped(turn_id=1, last_voiced_at=2.0, last_voiced_position=16000),
+        frames.TranscriptFinal(turn_id=1, text="Is the museum open on Monday?"),
+        frames.ToolCallDelta(turn_id=1, call_id="c1", name="opening_hours", delta='{"day": "Monday"}'),
+        frames.ToolCalled(turn_id=1, calls=(ToolCall("c1", "opening_hours", '{"day": "Monday"}'),)),
+        frames.ToolResult(turn_id=1, call_id="c1", name="opening_hours", output="closed"),
+        frames.LLMToken(turn_id=1, text="It is closed.", index=0),
+        frames.LLMDone(turn_id=1, text="It is closed.", tokens=1, finish_reason="stop"),
+        frames.TurnCompleted(turn_id=1),
+    ]:
+        out += valid(rt.on_event(event))
+    assert not any("function_call" in kind for kind in kinds(out))
+    assert [o["type"] for o in out[-1]["response"]["output"]] == ["message"]

@@ -12,9 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from pipeline.llm import CallPiece, Message
+from pipeline.tools import NO_TOOLS, ToolChoice, ToolSpec, call_schema, new_call_id, plain_messages
 
 from ..config import Config
 from ..errors import ModelError
@@ -230,7 +234,7 @@ def load_local(config: Config, progress: Progress = print_progress, weights: Pat
     tokenizer = AutoTokenizer.from_pretrained(str(weights))
     progress(f"loaded {what} in {time.perf_counter() - started:.1f} s")
     llm = config.llm
-    return VLLMModel(engine, tokenizer, llm.max_tokens, llm.temperature, llm.top_p, llm.min_tokens)
+    return VLLMModel(engine, tokenizer, llm.max_tokens, llm.temperature, llm.top_p, llm.min_tokens, llm.tool_parser)
 
 
 def model_label(config: Config) -> str:
@@ -238,17 +242,33 @@ def model_label(config: Config) -> str:
     return "SmolLM2-135M" if config.llm.model == "bundled" else Path(config.llm.model).name
 
 
+HERMES_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+"""A call in the Hermes format (Qwen2.5's template): the pattern vLLM's ``hermes`` parser reads."""
+HERMES_OPEN = "<tool_call>"
+CALL_MAX_TOKENS = 128  # a forced call's arguments are short JSON
+
+
 class VLLMModel:
-    """:class:`LanguageModel` over a vLLM ``AsyncLLM`` engine and its tokenizer."""
+    """:class:`LanguageModel` over a vLLM ``AsyncLLM`` engine and its tokenizer.
+
+    Function calls: a forced one (a named ``tool_choice``, or ``required``) is
+    generated under the tool's JSON schema (vLLM's structured outputs), so
+    any model writes a valid call; one the model chooses itself (``auto``)
+    needs a model trained for calls (``tool_parser: hermes``), whose template
+    is given the tools and whose ``<tool_call>`` blocks are parsed here as
+    vLLM's server parses them.
+    """
 
     def __init__(
-        self, engine: Any, tokenizer: Any, max_tokens: int, temperature: float, top_p: float, min_tokens: int = 0
+        self, engine: Any, tokenizer: Any, max_tokens: int, temperature: float, top_p: float, min_tokens: int = 0,
+        tool_parser: str = "none",
     ) -> None:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         self.engine = engine
         self.tokenizer = tokenizer
+        self.tool_parser = tool_parser
         self.params = SamplingParams(
             max_tokens=max_tokens,
             min_tokens=min_tokens,
@@ -257,15 +277,86 @@ class VLLMModel:
             output_kind=RequestOutputKind.DELTA,
         )
 
-    def prompt(self, messages: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def prompt(self, messages: list[Message], tools: Sequence[ToolSpec] = ()) -> str:
+        if self.tool_parser == "none":
+            return self.tokenizer.apply_chat_template(plain_messages(messages, tools), tokenize=False,
+                                                      add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(messages, tools=[t.openai()["function"] for t in tools] or None,
+                                                  tokenize=False, add_generation_prompt=True)
+
+    def _call_params(self, schema: dict[str, Any]) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        return SamplingParams(max_tokens=CALL_MAX_TOKENS, temperature=0.0, output_kind=RequestOutputKind.DELTA,
+                              structured_outputs=StructuredOutputsParams(json=schema, disable_any_whitespace=True))
 
     async def stream(
-        self, messages: list[dict[str, str]], request_id: str, session_id: str = ""
-    ) -> AsyncIterator[tuple[str, str | None]]:
-        async for output in self.engine.generate(self.prompt(messages), self.params, request_id):
+        self,
+        messages: list[Message],
+        request_id: str,
+        session_id: str = "",
+        tools: Sequence[ToolSpec] = (),
+        tool_choice: ToolChoice = NO_TOOLS,
+    ) -> AsyncIterator[tuple[str, str | None] | CallPiece]:
+        schema = call_schema(tools, tool_choice) if tools else None
+        if schema is not None:
+            async for item in self._forced_call(messages, request_id, tools, tool_choice, schema):
+                yield item
+            return
+        if tool_choice.mode != "auto" or self.tool_parser == "none":
+            tools = ()  # nothing to choose from, or a model that cannot choose
+        held, deciding = "", bool(tools)  # the text so far, while it may still be a call
+        async for output in self.engine.generate(self.prompt(messages, tools), self.params, request_id):
             completion = output.outputs[0]
-            yield completion.text, completion.finish_reason if output.finished else None
+            reason = completion.finish_reason if output.finished else None
+            if not deciding:
+                yield completion.text, reason
+                continue
+            held += completion.text
+            start = held.lstrip()[: len(HERMES_OPEN)]
+            if start and not HERMES_OPEN.startswith(start):  # prose: the model chose to answer
+                deciding = False
+                yield held, reason
+            elif reason is not None:
+                calls = [self._hermes(match.group(1), request_id) for match in HERMES_CALL.finditer(held)]
+                calls = [c for c in calls if c is not None]
+                for index, (name, arguments) in enumerate(calls):
+                    yield CallPiece(index, arguments, new_call_id(), name)
+                if not calls:
+                    yield held, None
+                yield "", "tool_calls" if calls else reason
+
+    @staticmethod
+    def _hermes(block: str, request_id: str) -> tuple[str, str] | None:
+        """A Hermes ``<tool_call>`` block's (name, JSON arguments), or None if it is not one."""
+        try:
+            call = json.loads(block)
+            return str(call["name"]), json.dumps(call.get("arguments") or {})
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: the model wrote a call that is not one: %.120s", request_id, block)
+            return None
+
+    async def _forced_call(
+        self, messages: list[Message], request_id: str, tools: Sequence[ToolSpec], choice: ToolChoice,
+        schema: dict[str, Any],
+    ) -> AsyncIterator[tuple[str, str | None] | CallPiece]:
+        """A call the request requires, written under its JSON schema."""
+        call_id = new_call_id()
+        written = ""
+        prompt = self.prompt(messages, [t for t in tools if choice.mode != "named" or t.name == choice.name])
+        async for output in self.engine.generate(prompt, self._call_params(schema), request_id):
+            text = output.outputs[0].text
+            if choice.mode == "named" and text:
+                yield CallPiece(0, text, call_id if not written else None, choice.name if not written else None)
+            written += text
+        if choice.mode == "required":  # {"name": ..., "arguments": {...}}: one piece once it is whole
+            try:
+                call = json.loads(written)
+                yield CallPiece(0, json.dumps(call["arguments"]), call_id, str(call["name"]))
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s: the forced call is not whole: %.120s", request_id, written)
+        yield "", "tool_calls"
 
     async def abort(self, request_id: str) -> None:
         try:

@@ -29,11 +29,12 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.llm import EngineUnavailable
+from pipeline.llm import CallPiece, EngineUnavailable, Message
+from pipeline.tools import NO_TOOLS, ToolChoice, ToolSpec, plain_messages
 
 from ..errors import ConfigError
 from ..telemetry import Sample, scrape, total
@@ -56,6 +57,7 @@ class RemoteSettings:
     top_p: float
     connect_timeout_s: float
     read_timeout_s: float
+    tool_parser: str = "none"  # the server parses calls the model chooses itself ("auto")
 
     @classmethod
     def from_config(cls, config: Any) -> RemoteSettings:
@@ -70,6 +72,7 @@ class RemoteSettings:
             top_p=llm.top_p,
             connect_timeout_s=llm.connect_timeout_s,
             read_timeout_s=llm.read_timeout_s,
+            tool_parser=llm.tool_parser,
         )
 
     @property
@@ -107,8 +110,20 @@ class RemoteModel:
     # ---- the LanguageModel calls -----------------------------------------
 
     async def stream(
-        self, messages: list[dict[str, str]], request_id: str, session_id: str = ""
-    ) -> AsyncIterator[tuple[str, str | None]]:
+        self,
+        messages: list[Message],
+        request_id: str,
+        session_id: str = "",
+        tools: Sequence[ToolSpec] = (),
+        tool_choice: ToolChoice = NO_TOOLS,
+    ) -> AsyncIterator[tuple[str, str | None] | CallPiece]:
+        """The server's stream; a forced ``tool_choice`` (named, required) is
+        vLLM's structured outputs there, ``auto`` needs its tool parser
+        (``llm.tool_parser``; without one the model is not offered the tools)."""
+        if tool_choice.mode == "auto" and self.settings.tool_parser == "none":
+            tools = ()
+        if self.settings.tool_parser == "none":  # a template without tools: calls and results as text
+            messages = plain_messages(messages, tools)
         if self.state != "up":
             await self.connect()
             if self.state != "up":
@@ -125,6 +140,8 @@ class RemoteModel:
                 top_p=s.top_p if s.temperature > 0 else 1.0,
                 extra_body={"min_tokens": s.min_tokens} if s.min_tokens else None,
                 extra_headers={"X-Session-ID": session_id, "X-Request-ID": request_id},
+                **({"tools": [t.openai() for t in tools], "tool_choice": tool_choice.openai()}  # type: ignore[arg-type]
+                   if tools else {}),
             )
         except openai.APIConnectionError as exc:  # includes timeouts
             self._went_down(_reason(exc))
@@ -139,6 +156,10 @@ class RemoteModel:
                 if not chunk.choices:
                     continue
                 choice = chunk.choices[0]
+                for call in choice.delta.tool_calls or ():
+                    function = call.function
+                    yield CallPiece(call.index, (function.arguments if function else None) or "", call.id,
+                                    function.name if function else None)
                 yield choice.delta.content or "", choice.finish_reason
         except openai.APIConnectionError as exc:
             self._went_down(_reason(exc))

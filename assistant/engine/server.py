@@ -64,6 +64,10 @@ def server_command(config: Config, weights: Path, host: str, port: int, extra: l
         # model's generation_config.json.
         "--generation-config", "vllm",
     ]
+    if config.llm.tool_parser != "none":
+        # A model that chooses its own calls: vLLM's parser reads them
+        # (forced calls, a named tool_choice, need no flag: structured outputs).
+        command += ["--enable-auto-tool-choice", "--tool-call-parser", config.llm.tool_parser]
     if config.log_level != "debug":
         command += ["--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
     return command + extra

@@ -29,12 +29,21 @@ reply played / cancelled    the single commit of the reply to the history
 buffer transcribed          (a client that ends its turns itself committed it)
                             its words into the history; a reply asked for
                             meanwhile (:meth:`respond`) starts now
+the reply called tools      the calls into the history; a tool this process
+                            runs goes to the tool stage (not before the turn
+                            is the user's for sure: a call made at a pause
+                            waits for the final transcript); a client's tool
+                            ends the reply (the client sends the result)
+a tool's result             into the history; when every call is back, the
+                            model answers from the results (or, when one
+                            failed, the tool apology is said)
 ==========================  ==================================================
 
 A client that drives the turns itself (the realtime face's manual turns,
 text items) does so through the session, whose verbs land here:
 :meth:`transcribe`, :meth:`respond`, :meth:`stop_reply`, :meth:`add_message`,
-:meth:`truncate`, :meth:`remove_message`, :meth:`set_instructions`.
+:meth:`truncate`, :meth:`remove_message`, :meth:`set_instructions`,
+:meth:`set_tools`, :meth:`add_call`, :meth:`add_result`.
 
 Everything here runs synchronously in the event loop (no awaits): a
 decision is taken the moment its event is produced.
@@ -69,11 +78,15 @@ from ..frames import (
     TranscriptPartial,
     TurnCancelled,
     TurnCompleted,
+    ToolCalled,
+    ToolRequest,
+    ToolResult,
     TranscribeRequest,
     TurnEndScored,
     now,
 )
 from ..runtime import PipelineContext
+from ..tools import NO_TOOLS, ToolCall, ToolChoice, ToolSpec, preselect
 from .endpointing import EndpointRule
 from .floor import Floor
 from .history import Conversation
@@ -82,6 +95,7 @@ if TYPE_CHECKING:
     from ..asr import ASRStage
     from ..llm import LLMStage
     from ..playback import PlaybackStage
+    from ..tools import ToolStage
     from ..vad import VADStage
 
 log = logging.getLogger("pipeline.turns")
@@ -104,6 +118,13 @@ class TurnSettings:
     await_words_ms: int | None = 780
     acknowledgement: str = "One moment."
     apology: str = "Sorry, that took too long."
+    # Function calls (config: tools): how the model chooses, whether a
+    # question with one tool's keywords forces that tool, how many rounds
+    # of calls one turn may make, and what is said when a call fails.
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    preselect: bool = True
+    max_tool_rounds: int = 3
+    tool_apology: str = "Sorry, I couldn't get that information right now."
 
 
 @dataclass
@@ -114,6 +135,19 @@ class Stages:
     asr: ASRStage | None = None
     llm: LLMStage | None = None
     playback: PlaybackStage | None = None
+    tools: ToolStage | None = None
+
+
+@dataclass
+class _Calls:
+    """A turn's function calls: the request's tools, the rounds made, the calls still out."""
+
+    tools: tuple[ToolSpec, ...]
+    choice: ToolChoice
+    rounds: int = 0
+    pending: set[str] = field(default_factory=set)  # local calls not back yet
+    client: bool = False  # a call the client runs: the reply ends after this round
+    failed: bool = False
 
 
 def _same_words(a: str, b: str) -> bool:
@@ -151,6 +185,11 @@ class TurnController:
         self._failed: set[int] = set()  # turns whose reply is the engine's error phrase
         self._transcribing: set[int] = set()  # committed buffers whose words are not in yet
         self._awaiting_words: list[int] = []  # replies asked for before those words came
+        self.client_tools: tuple[ToolSpec, ...] = ()  # a client's own tools (set_tools)
+        self.tool_choice = settings.tool_choice
+        self._asked: dict[int, tuple[tuple[ToolSpec, ...] | None, ToolChoice | None]] = {}  # respond()'s overrides
+        self._calls: dict[int, _Calls] = {}
+        self._deferred: dict[int, ToolCalled] = {}  # calls made at a pause, run once the turn is sure
         ctx.bus.route_to(self.on_event)
 
     @property
@@ -204,6 +243,10 @@ class TurnController:
             case LLMDone():
                 self._written.add(turn_id)
                 self.conversation.draft(turn_id, event.text)
+            case ToolCalled() if not self.ctx.turns.is_cancelled(turn_id):
+                self._called(turn_id, event)
+            case ToolResult() if not self.ctx.turns.is_cancelled(turn_id):
+                self._result(turn_id, event)
             case ReplyAudioStarted():
                 if not self.ctx.turns.is_cancelled(turn_id):  # an apology after a cancel is not a reply
                     self.floor.assistant_turns.add(turn_id)
@@ -294,19 +337,102 @@ class TurnController:
         early = self._early.pop(turn_id, None)
         if early is not None:
             if _same_words(early, event.text):
+                deferred = self._deferred.pop(turn_id, None)
+                if deferred is not None:
+                    self._run_calls(turn_id, deferred.calls)
                 return  # the reply under way answers exactly this
             self._drop_reply(turn_id, "the final transcript differs from the pause's")
         self._request_reply(turn_id, event.text)
 
+    # ---- replies and their function calls ----------------------------------
+
+    @property
+    def local_tools(self) -> tuple[ToolSpec, ...]:
+        """The tools this process runs (the config's, MCP servers')."""
+        stage = self.stages.tools
+        return tuple(stage.toolbox.specs) if stage is not None and stage.toolbox is not None else ()
+
     def _request_reply(self, turn_id: int, text: str) -> None:
         self.conversation.open(turn_id, text)
+        tools, choice = self._asked.pop(turn_id, (None, None))
+        if tools is None:
+            tools = self.local_tools + self.client_tools
+        if choice is None:
+            choice = self.tool_choice
+            if choice.mode == "auto" and self.settings.preselect and text:
+                choice = preselect(tools, text) or choice
+            elif choice.forced and self._answers_a_result():
+                choice = NO_TOOLS  # the session's forced choice made the call this result answers: now the answer
+        if not tools:
+            choice = NO_TOOLS
+        self._calls[turn_id] = _Calls(tools, choice)
+        self._ask(turn_id, ReplyRequest(turn_id=turn_id, text=text, tools=tools, tool_choice=choice))
+
+    def _answers_a_result(self) -> bool:
+        """The reply would follow a call's result (a client sent it, then asked for a response)."""
+        turns = self.conversation.turns
+        return bool(turns) and turns[-1]["role"] == "tool"
+
+    def steps_pending(self) -> bool:
+        """A turn called tools and is not over: its answer is still to come
+        (the LLM stage holds the end of input for it)."""
+        return any(calls.rounds for calls in self._calls.values())
+
+    def _ask(self, turn_id: int, request: ReplyRequest) -> None:
         llm = self.stages.llm
         if llm is not None:
-            llm.inbox.put_nowait(ReplyRequest(turn_id=turn_id, text=text))
+            llm.inbox.put_nowait(request)
+
+    def _called(self, turn_id: int, event: ToolCalled) -> None:
+        """The reply called tools: record them; run ours, or end the reply for the client's."""
+        self.conversation.called(turn_id, event.calls, event.text)
+        calls = self._calls.setdefault(turn_id, _Calls((), NO_TOOLS))
+        calls.rounds += 1
+        if turn_id in self._early:  # at a pause: nothing is done on words the user may go on with
+            self._deferred[turn_id] = event
+            return
+        self._run_calls(turn_id, event.calls)
+
+    def _run_calls(self, turn_id: int, made: tuple[ToolCall, ...]) -> None:
+        calls = self._calls[turn_id]
+        ours = {t.name for t in self.local_tools}
+        local = [c for c in made if c.name in ours]
+        calls.client = len(local) < len(made)
+        calls.pending = {c.call_id for c in local}
+        stage = self.stages.tools
+        for call in local:
+            if stage is not None:
+                stage.inbox.put_nowait(ToolRequest(turn_id=turn_id, call=call))
+        if not calls.pending:
+            self._ask(turn_id, ReplyRequest(turn_id=turn_id, text="", say=""))  # the client runs them
+
+    def _result(self, turn_id: int, event: ToolResult) -> None:
+        """A call came back: into the history; with every call back, the answer."""
+        output = event.output if event.error is None else f"error: {event.error}"
+        self.conversation.result(event.call_id, output)
+        calls = self._calls.get(turn_id)
+        if calls is None or event.call_id not in calls.pending:
+            return
+        calls.pending.discard(event.call_id)
+        calls.failed |= event.error is not None
+        if calls.pending:
+            return
+        if calls.failed:
+            self._ask(turn_id, ReplyRequest(turn_id=turn_id, text="", say=self.settings.tool_apology))
+        elif calls.client:
+            self._ask(turn_id, ReplyRequest(turn_id=turn_id, text="", say=""))
+        else:
+            # Again with the results; a forced choice is not forced twice
+            # (it would call forever), and the rounds are bounded.
+            again = calls.choice.mode == "auto" and calls.rounds < self.settings.max_tool_rounds
+            self._ask(turn_id, ReplyRequest(turn_id=turn_id, text="", tools=calls.tools,
+                                            tool_choice=calls.choice if again else NO_TOOLS))
 
     def _drop_reply(self, turn_id: int, reason: str) -> None:
         """Throw away the reply being prepared; the user's turn goes on."""
         self.conversation.discard(turn_id)
+        self._deferred.pop(turn_id, None)
+        self._calls.pop(turn_id, None)
         self._tokens.pop(turn_id, None)
         self._written.discard(turn_id)
         self._failed.discard(turn_id)
@@ -356,11 +482,16 @@ class TurnController:
         if asr is not None:
             asr.inbox.put_nowait(TranscribeRequest(turn_id=turn_id, pcm=pcm))
 
-    def respond(self, turn_id: int) -> None:
+    def respond(
+        self, turn_id: int, tools: tuple[ToolSpec, ...] | None = None, choice: ToolChoice | None = None
+    ) -> None:
         """Reply to what the history holds, for a turn with no speech of its
-        own (a realtime client's ``response.create`` after text items or a
-        committed buffer): once the words of every buffer committed before are
-        in, and it may play as soon as the floor is free."""
+        own (a realtime client's ``response.create`` after text items, a
+        committed buffer or a call's output): once the words of every buffer
+        committed before are in, and it may play as soon as the floor is
+        free. ``tools`` / ``choice``: this reply's own (None: the session's)."""
+        if tools is not None or choice is not None:
+            self._asked[turn_id] = (None if tools is None else self.local_tools + tools, choice)
         self._replying.add(turn_id)
         self.floor.ended.add(turn_id)
         self.floor.changed()
@@ -392,6 +523,20 @@ class TurnController:
     def set_instructions(self, text: str) -> None:
         """The system prompt of every reply from now on."""
         self.conversation.system_prompt = text
+
+    def set_tools(self, tools: tuple[ToolSpec, ...], choice: ToolChoice | None = None) -> None:
+        """The client's own tools (it runs their calls), beside this process's, from now on."""
+        self.client_tools = tools
+        if choice is not None:
+            self.tool_choice = choice
+
+    def add_call(self, turn_id: int, call: ToolCall) -> None:
+        """A call the client put into the history itself."""
+        self.conversation.called(turn_id, (call,))
+
+    def add_result(self, turn_id: int, call_id: str, output: str) -> None:
+        """A call's result from the client: with the call that asked for it."""
+        self.conversation.result(call_id, output, turn_id)
 
     def add_message(self, turn_id: int, user: str = "", reply: str | None = None) -> None:
         """A message the client put into the history itself."""
@@ -455,6 +600,8 @@ class TurnController:
         self.floor.changed()
         for state in (self._paused, self._replying, self._written, self._acknowledged, self._failed):
             state.discard(turn_id)
+        for pending in (self._calls, self._deferred, self._asked):
+            pending.pop(turn_id, None)
         self._early.pop(turn_id, None)
         self._tokens.pop(turn_id, None)
         self._pause_words.pop(turn_id, None)

@@ -109,6 +109,31 @@ async def spoken(c: Client, plan: dict[str, Any]) -> None:
     await c.wait("response.done", timeout=90)
 
 
+WEATHER = {"type": "function", "name": "get_weather", "description": "The current weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city"}},
+                          "required": ["city"]}}
+
+
+async def tool(c: Client, plan: dict[str, Any]) -> None:
+    """A spoken question with a tool the client runs: the call, its output, the spoken answer."""
+    update = c.session({"type": "server_vad", "interrupt_response": True})
+    update["session"].update(tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"})
+    await c.send(update)
+    await c.wait("session.updated")
+    c.mic_on = True
+    c.play(plan["question"])
+    called = await c.wait("response.done", timeout=90)
+    for item in called["response"]["output"]:
+        if item["type"] == "function_call":
+            city = json.loads(item["arguments"]).get("city", "")
+            await c.send({"type": "conversation.item.create", "item": {
+                "type": "function_call_output", "call_id": item["call_id"],
+                "output": f"{plan['forecast']} in {city}."}})
+    mark = len(c.events)
+    await c.send({"type": "response.create"})
+    await c.wait("response.done", since=mark, timeout=90)
+
+
 async def barge(c: Client, plan: dict[str, Any]) -> None:
     await c.send(c.session({"type": "semantic_vad"}))
     await c.wait("session.updated")
@@ -186,7 +211,7 @@ async def main() -> None:
         reader = asyncio.create_task(c.read())
         mic = asyncio.create_task(c.mic())
         await c.wait("session.created", timeout=10)
-        await {"spoken": spoken, "barge": barge, "manual": manual}[plan["scenario"]](c, plan)
+        await {"spoken": spoken, "barge": barge, "manual": manual, "tool": tool}[plan["scenario"]](c, plan)
         log(mark="done")
         mic.cancel()
         reader.cancel()

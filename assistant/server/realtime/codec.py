@@ -19,11 +19,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Final
 
 from websockets.datastructures import Headers
+
+from pipeline.tools import ToolCall, ToolChoice, ToolSpec
 
 from ..face import ErrorCode, ProtocolError
 
@@ -80,6 +83,8 @@ class ServerEvent(StrEnum):
     AUDIO_TRANSCRIPT_DONE = "response.output_audio_transcript.done"
     TEXT_DELTA = "response.output_text.delta"
     TEXT_DONE = "response.output_text.done"
+    FUNCTION_ARGUMENTS_DELTA = "response.function_call_arguments.delta"
+    FUNCTION_ARGUMENTS_DONE = "response.function_call_arguments.done"
     RESPONSE_DONE = "response.done"
     ERROR = "error"
 
@@ -126,10 +131,60 @@ class SessionConfig:
     transcription: dict[str, Any] | None = None
     noise_reduction: dict[str, Any] | None = None
     max_output_tokens: int | str = "inf"
+    tools: tuple[ToolSpec, ...] = ()  # the client's function tools (it runs their calls)
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
 
     @property
     def audio_out(self) -> bool:
         return "audio" in self.output_modalities
+
+
+MAX_TOOLS: Final = 64
+
+
+def tool_json(tool: ToolSpec) -> dict[str, Any]:
+    """A function tool as the session echoes it."""
+    return {"type": "function", "name": tool.name, "description": tool.description,
+            "parameters": dict(tool.parameters)}
+
+
+def choice_json(choice: ToolChoice) -> Any:
+    """``tool_choice`` as the GA API writes it."""
+    return {"type": "function", "name": choice.name} if choice.mode == "named" else choice.mode
+
+
+def _tools(value: Any, param: str, event_id: str | None) -> tuple[ToolSpec, ...]:
+    """``tools``: function tools (name, description, a JSON schema of type object)."""
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        raise _bad(f"tools must be a list of up to {MAX_TOOLS} function tools", param, event_id, "invalid_type")
+    tools: list[ToolSpec] = []
+    for i, tool in enumerate(value):
+        where = f"{param}[{i}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise _bad("only function tools are supported (no MCP tools here: the client runs the calls)",
+                       f"{where}.type", event_id)
+        name, description = tool.get("name"), tool.get("description") or ""
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise _bad("a tool's name must be 1-64 letters, digits, _ or -", f"{where}.name", event_id)
+        if any(t.name == name for t in tools):
+            raise _bad(f"the tool {name!r} is declared twice", f"{where}.name", event_id)
+        parameters = tool.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(description, str) or not isinstance(parameters, dict) \
+                or parameters.get("type", "object") != "object":
+            raise _bad("a tool needs a string description and parameters that are a JSON schema of type object",
+                       where, event_id, "invalid_type")
+        tools.append(ToolSpec(name, description, parameters))
+    return tuple(tools)
+
+
+def _choice(value: Any, tools: tuple[ToolSpec, ...], param: str, event_id: str | None) -> ToolChoice:
+    try:
+        choice = ToolChoice.of(value)
+    except ValueError as exc:
+        raise _bad(str(exc), param, event_id) from None
+    if choice.mode == "named" and not any(t.name == choice.name for t in tools):
+        raise _bad(f"tool_choice names {choice.name!r}, which is not one of the tools", param, event_id)
+    return choice
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,6 +220,23 @@ class ItemCreate(Request):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CallOutputCreate(Request):
+    """A ``function_call_output`` item: the result of a call the client ran."""
+
+    item_id: str | None
+    call_id: str
+    output: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallCreate(Request):
+    """A ``function_call`` item the client puts into the conversation itself."""
+
+    item_id: str | None
+    call: ToolCall
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ItemTruncate(Request):
     item_id: str
     audio_end_ms: int
@@ -183,6 +255,8 @@ class ItemRetrieve(Request):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ResponseCreate(Request):
     output_modalities: tuple[str, ...] | None = None
+    tools: tuple[ToolSpec, ...] | None = None  # this response's own (None: the session's)
+    tool_choice: ToolChoice | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -196,9 +270,13 @@ class Ignored(Request):
 
 
 RealtimeRequest = (
-    SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreate | ItemTruncate | ItemDelete | ItemRetrieve
-    | ResponseCreate | ResponseCancel | Ignored
+    SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreate | CallOutputCreate | CallCreate
+    | ItemTruncate | ItemDelete | ItemRetrieve | ResponseCreate | ResponseCancel | Ignored
 )
+
+
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_CALL_TEXT: Final = 64 * 1024  # a call's arguments or output
 
 
 def _bad(message: str, param: str | None = None, event_id: str | None = None, code: str = "invalid_value") -> RealtimeError:
@@ -217,7 +295,7 @@ def _format(value: Any, param: str, event_id: str | None) -> None:
 
 
 def parse_session(config: SessionConfig, session: Any, event_id: str | None) -> SessionConfig:
-    """``session.update``: only the fields present change; tools, tracing and the like are ignored."""
+    """``session.update``: only the fields present change; tracing and the like are ignored."""
     if not isinstance(session, dict):
         raise _bad("session must be an object", "session", event_id, "invalid_type")
     if session.get("type", "realtime") != "realtime":
@@ -236,6 +314,14 @@ def parse_session(config: SessionConfig, session: Any, event_id: str | None) -> 
         if value != "inf" and (type(value) is not int or not 1 <= value <= MAX_TOKENS_LIMIT):
             raise _bad(f'max_output_tokens must be 1-{MAX_TOKENS_LIMIT} or "inf"', "session.max_output_tokens", event_id)
         changes["max_output_tokens"] = value
+    if "tools" in session:
+        changes["tools"] = _tools(session["tools"], "session.tools", event_id)
+    if "tool_choice" in session:
+        changes["tool_choice"] = _choice(session["tool_choice"], changes.get("tools", config.tools),
+                                         "session.tool_choice", event_id)
+    elif "tools" in session and config.tool_choice.mode == "named" \
+            and not any(t.name == config.tool_choice.name for t in changes["tools"]):
+        changes["tool_choice"] = ToolChoice()  # the named tool is gone
     audio = session.get("audio")
     if audio is not None and not isinstance(audio, dict):
         raise _bad("audio must be an object", "session.audio", event_id, "invalid_type")
@@ -264,12 +350,40 @@ def parse_session(config: SessionConfig, session: Any, event_id: str | None) -> 
     return replace(config, **changes)
 
 
+def _item_id(item: dict[str, Any], event_id: str | None) -> str | None:
+    item_id = item.get("id")
+    if item_id is not None and (not isinstance(item_id, str) or not 0 < len(item_id) <= 64):
+        raise _bad("item.id must be a string of up to 64 characters", "item.id", event_id)
+    return item_id
+
+
+def _call_text(item: dict[str, Any], key: str, event_id: str | None, required: bool = True) -> str:
+    value = item.get(key, None if required else "")
+    if not isinstance(value, str) or len(value) > MAX_CALL_TEXT or (required and key == "call_id" and not value):
+        raise _bad(f"item.{key} must be a string (up to {MAX_CALL_TEXT} characters)", f"item.{key}", event_id,
+                   "invalid_type")
+    return value
+
+
+def _function_item(item: dict[str, Any], event_id: str | None) -> CallOutputCreate | CallCreate:
+    """A ``function_call_output`` (a call's result) or ``function_call`` item."""
+    item_id, call_id = _item_id(item, event_id), _call_text(item, "call_id", event_id)
+    if item["type"] == "function_call_output":
+        return CallOutputCreate(item_id=item_id, call_id=call_id, output=_call_text(item, "output", event_id),
+                                event_id=event_id)
+    name, arguments = _call_text(item, "name", event_id), _call_text(item, "arguments", event_id, required=False)
+    if not _TOOL_NAME.match(name):
+        raise _bad("item.name must be 1-64 letters, digits, _ or -", "item.name", event_id)
+    return CallCreate(item_id=item_id, call=ToolCall(call_id, name, arguments or "{}"), event_id=event_id)
+
+
 def _item_text(item: Any, event_id: str | None) -> tuple[str | None, str, str]:
     """A message item's (id, role, text): text parts joined; images and audio parts ignored."""
     if not isinstance(item, dict):
         raise _bad("item must be an object", "item", event_id, "invalid_type")
     if item.get("type") != "message":
-        raise _bad("only message items are supported (no function calls: tools are not)", "item.type", event_id)
+        raise _bad("only message, function_call and function_call_output items are supported", "item.type",
+                   event_id)
     role = item.get("role")
     if role not in ("user", "assistant"):
         raise _bad("item.role must be user or assistant (system text goes in instructions)", "item.role", event_id)
@@ -280,10 +394,7 @@ def _item_text(item: Any, event_id: str | None) -> tuple[str | None, str, str]:
              if isinstance(part, dict) and part.get("type") in ("input_text", "text", "output_text")]
     if not all(isinstance(t, str) for t in texts):
         raise _bad("a text part's text must be a string", "item.content", event_id, "invalid_type")
-    item_id = item.get("id")
-    if item_id is not None and (not isinstance(item_id, str) or not 0 < len(item_id) <= 64):
-        raise _bad("item.id must be a string of up to 64 characters", "item.id", event_id)
-    return item_id, role, " ".join(t.strip() for t in texts if t.strip())
+    return _item_id(item, event_id), role, " ".join(t.strip() for t in texts if t.strip())
 
 
 def parse(text: str, config: SessionConfig) -> RealtimeRequest:
@@ -323,7 +434,10 @@ def parse(text: str, config: SessionConfig) -> RealtimeRequest:
         case ClientEvent.AUDIO_CLEAR:
             return AudioClear(event_id=event_id)
         case ClientEvent.ITEM_CREATE:
-            item_id, role, item_text = _item_text(event.get("item"), event_id)
+            item = event.get("item")
+            if isinstance(item, dict) and item.get("type") in ("function_call_output", "function_call"):
+                return _function_item(item, event_id)
+            item_id, role, item_text = _item_text(item, event_id)
             return ItemCreate(item_id=item_id, role=role, text=item_text, event_id=event_id)
         case ClientEvent.ITEM_TRUNCATE:
             item_id, end = event.get("item_id"), event.get("audio_end_ms")
@@ -347,7 +461,10 @@ def parse(text: str, config: SessionConfig) -> RealtimeRequest:
             modalities = response.get("output_modalities")
             if modalities is not None:
                 modalities = _modalities(modalities, "response.output_modalities", event_id)
-            return ResponseCreate(output_modalities=modalities, event_id=event_id)
+            tools = _tools(response["tools"], "response.tools", event_id) if "tools" in response else None
+            choice = (_choice(response["tool_choice"], tools if tools is not None else config.tools,
+                              "response.tool_choice", event_id) if "tool_choice" in response else None)
+            return ResponseCreate(output_modalities=modalities, tools=tools, tool_choice=choice, event_id=event_id)
         case ClientEvent.RESPONSE_CANCEL:
             response_id = event.get("response_id")
             return ResponseCancel(response_id=response_id if isinstance(response_id, str) else None, event_id=event_id)

@@ -25,6 +25,8 @@ from .codec import (
     AudioAppend,
     AudioClear,
     AudioCommit,
+    CallCreate,
+    CallOutputCreate,
     Ignored,
     ItemCreate,
     ItemDelete,
@@ -92,6 +94,8 @@ class RealtimeFace(RealtimeProtocol):
                 if manual != (self.config.turn_detection is None):
                     session.hold_input(manual)
                 session.set_instructions(config.instructions or None)
+                if (config.tools, config.tool_choice) != (self.config.tools, self.config.tool_choice):
+                    session.set_tools(config.tools, config.tool_choice)
                 return [self.updated(config)]
             case AudioAppend(pcm=pcm):
                 link.feed(pcm)  # to the VAD, or held for the commit (turn_detection null)
@@ -112,6 +116,12 @@ class RealtimeFace(RealtimeProtocol):
                                event_id)
                 turn_id = session.add_message(role, text)
                 return self.text_item(self.item_id(wanted), turn_id, role, text)
+            case CallOutputCreate(item_id=wanted, call_id=call_id, output=output):
+                turn_id = session.add_result(call_id, output)
+                return self.call_output_item(self.item_id(wanted), turn_id, call_id, output)
+            case CallCreate(item_id=wanted, call=call):
+                turn_id = session.add_call(call)
+                return self.call_item(self.item_id(wanted), turn_id, call.call_id, call.name, call.arguments)
             case ItemTruncate(item_id=item_id, audio_end_ms=end, event_id=event_id):
                 reply = self.reply_of(item_id)
                 if reply is None:
@@ -140,11 +150,18 @@ class RealtimeFace(RealtimeProtocol):
                     raise _bad(f"no item {item_id[:64]!r}", "item_id", event_id, "item_retrieve_invalid_item_id")
                 turn_id, role = self.items[item_id]
                 return [self.retrieved(item_id, session.message(turn_id, role))]
-            case ResponseCreate(output_modalities=modalities, event_id=event_id):
+            case ResponseCreate(output_modalities=modalities, tools=tools, tool_choice=choice, event_id=event_id):
                 if self.active() is not None:
                     raise _bad("a response is already in progress", None, event_id,
                                "conversation_already_has_active_response")
-                return self.start_response(session.respond(), modalities)
+                offered = tools if tools is not None else self.config.tools
+                # The session's forced choice is not forced again on the response
+                # that follows a call's output (the session does the same).
+                after_output = self._last_item is not None and self.items.get(self._last_item, (0, ""))[1] == "tool"
+                forced = bool(offered) and (choice.forced if choice is not None
+                                            else self.config.tool_choice.forced and not after_output)
+                turn_id = session.respond(tools, choice)
+                return self.start_response(turn_id, modalities, tools=tuple(t.name for t in offered), calls_only=forced)
             case ResponseCancel(response_id=response_id, event_id=event_id):
                 reply = self.active(response_id)
                 if reply is None:

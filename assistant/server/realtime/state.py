@@ -23,7 +23,17 @@ from pipeline import frames
 from pipeline.frames import Event
 
 from ..face import Closing, ErrorCode, Message, SessionStart, encode
-from .codec import FORMAT, RATE, RealtimeError, RealtimeRequest, ServerEvent, SessionConfig, parse
+from .codec import (
+    FORMAT,
+    RATE,
+    RealtimeError,
+    RealtimeRequest,
+    ServerEvent,
+    SessionConfig,
+    choice_json,
+    parse,
+    tool_json,
+)
 
 RECENT_CANCELLED: Final = 16  # cancelled responses remembered, so a repeated cancel is no error
 
@@ -44,6 +54,21 @@ class _Heard:
 
 
 @dataclass(slots=True)
+class _Call:
+    """A function call of a response: its item, as much of it as the client has been sent."""
+
+    item_id: str
+    call_id: str
+    name: str
+    output_index: int
+    arguments: str = ""
+    unsent: str = ""  # arguments written but not yet sent as deltas
+    announced: bool = False  # output_item.added sent
+    done: bool = False  # the model finished it (ToolCalled)
+    closed: bool = False  # arguments.done and output_item.done sent
+
+
+@dataclass(slots=True)
 class _Reply:
     """One turn's reply: written by the model before, a response once the turn is the user's for sure."""
 
@@ -60,6 +85,10 @@ class _Reply:
     status: str | None = None  # set when response.done is sent
     reason: str | None = None  # a cancel's reason: turn_detected / client_cancelled
     heard: tuple[str, float] | None = None  # (heard text, its ms) when it was stopped mid-play
+    message: bool = True  # the response has a message item (not one that only calls the client's tools)
+    message_index: int = 0
+    tools: frozenset[str] = frozenset()  # the client's tools in this response: their calls are shown
+    calls: dict[str, _Call] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -120,8 +149,8 @@ class RealtimeProtocol(Closing):
                           "turn_detection": c.turn_detection},
                 "output": {"format": FORMAT, "voice": c.voice, "speed": c.speed},
             },
-            "tools": [],
-            "tool_choice": "auto",
+            "tools": [tool_json(t) for t in c.tools],
+            "tool_choice": choice_json(c.tool_choice),
             "max_output_tokens": c.max_output_tokens,
             "tracing": None,
             "prompt": None,
@@ -153,7 +182,7 @@ class RealtimeProtocol(Closing):
         """A paced reply frame as ``response.output_audio.delta``; dropped once its response is done
         (a budget's apology after a cancel) or when the response is text only."""
         reply = self._replies.get(self._audio_turn) if self._audio_turn is not None else None
-        if reply is None or not reply.active or "audio" not in reply.modalities:
+        if reply is None or not reply.active or "audio" not in reply.modalities or not reply.message:
             return None
         reply.audio_samples += len(pcm16) // 2
         return encode(self._msg(ServerEvent.AUDIO_DELTA, **self._where(reply),
@@ -224,6 +253,22 @@ class RealtimeProtocol(Closing):
         out.append(self._msg(ServerEvent.ITEM_DONE, item=self._keep(self._user_item(heard.item_id, "completed", text))))
         return out
 
+    def call_output_item(self, item_id: str, turn_id: int, call_id: str, output: str) -> list[Message]:
+        """A call's result the client created: added and done at once."""
+        return self._done_item(item_id, turn_id, {"type": "function_call_output", "call_id": call_id,
+                                                  "output": output})
+
+    def call_item(self, item_id: str, turn_id: int, call_id: str, name: str, arguments: str) -> list[Message]:
+        """A function call the client created itself."""
+        return self._done_item(item_id, turn_id, {"type": "function_call", "call_id": call_id, "name": name,
+                                                  "arguments": arguments})
+
+    def _done_item(self, item_id: str, turn_id: int, fields: Message) -> list[Message]:
+        previous = self._add_item(item_id, turn_id, "tool")
+        item = self._keep({"id": item_id, "object": "realtime.item", "status": "completed", **fields})
+        return [self._msg(ServerEvent.ITEM_ADDED, previous_item_id=previous, item=item),
+                self._msg(ServerEvent.ITEM_DONE, previous_item_id=previous, item=item)]
+
     def forget(self, item_id: str) -> Message:
         turn_id, role = self.items.pop(item_id)
         self._bodies.pop(item_id, None)
@@ -238,6 +283,8 @@ class RealtimeProtocol(Closing):
         truncate, or nothing when nothing of it was heard); a user item not (yet) in the history, its
         transcript as sent. No audio data: it is not kept."""
         item = copy.deepcopy(self._bodies[item_id])
+        if item["type"] != "message":  # a call or its output: as sent
+            return self._msg(ServerEvent.ITEM_RETRIEVED, item=item)
         part = item["content"][0]
         key = "text" if part["type"] in ("input_text", "output_text") else "transcript"
         reply = self.reply_of(item_id)
@@ -269,7 +316,8 @@ class RealtimeProtocol(Closing):
         return bool(self._cancelled) and (response_id is None or response_id in self._cancelled)
 
     def _where(self, reply: _Reply) -> dict[str, Any]:
-        return {"response_id": reply.response_id, "item_id": reply.item_id, "output_index": 0, "content_index": 0}
+        return {"response_id": reply.response_id, "item_id": reply.item_id, "output_index": reply.message_index,
+                "content_index": 0}
 
     def _response(self, reply: _Reply, status: str, details: dict[str, Any] | None, output: list[Message]) -> Message:
         c = self.config
@@ -293,28 +341,91 @@ class RealtimeProtocol(Closing):
     def _part(self, reply: _Reply, text: str) -> Message:
         return {"type": "audio", "transcript": text} if "audio" in reply.modalities else {"type": "text", "text": text}
 
-    def start_response(self, turn_id: int, modalities: tuple[str, ...] | None = None, hold: bool = False) -> list[Message]:
-        """response.created and the empty assistant item and part, before the first delta."""
+    def start_response(
+        self, turn_id: int, modalities: tuple[str, ...] | None = None, hold: bool = False,
+        tools: tuple[str, ...] | None = None, calls_only: bool = False,
+    ) -> list[Message]:
+        """response.created and, unless the response is to call the client's tools
+        (``calls_only``: a forced tool_choice), the empty assistant item and part
+        before the first delta. ``tools``: the client's tools in this response
+        (None: the session's)."""
         reply = self._replies.setdefault(turn_id, _Reply(turn_id))
         reply.response_id, reply.item_id = _id("resp"), _id("item")
         reply.modalities = modalities or self.config.output_modalities
         reply.hold = hold
-        previous = self._add_item(reply.item_id, turn_id, "assistant")
+        reply.tools = frozenset(tools if tools is not None else (t.name for t in self.config.tools))
+        reply.message = False
+        out = [self._msg(ServerEvent.RESPONSE_CREATED, response=self._response(reply, "in_progress", None, []))]
+        if not calls_only:
+            out += self._open_message(reply)
+        if not hold:
+            out += self._flush_calls(reply)  # an early reply's calls, made before the response began
+        return out
+
+    def _open_message(self, reply: _Reply) -> list[Message]:
+        """The assistant's message item and its part, once the response has words."""
+        reply.message, reply.message_index = True, len(reply.calls)
+        previous = self._add_item(reply.item_id, reply.turn_id, "assistant")
         item = self._keep(self._assistant_item(reply, "in_progress"))
         return [
-            self._msg(ServerEvent.RESPONSE_CREATED, response=self._response(reply, "in_progress", None, [])),
-            self._msg(ServerEvent.OUTPUT_ITEM_ADDED, response_id=reply.response_id, output_index=0, item=item),
+            self._msg(ServerEvent.OUTPUT_ITEM_ADDED, response_id=reply.response_id, output_index=reply.message_index,
+                      item=item),
             self._msg(ServerEvent.ITEM_ADDED, previous_item_id=previous, item=item),
             self._msg(ServerEvent.PART_ADDED, **self._where(reply), part=self._part(reply, "")),
         ]
+
+    def _call_item(self, reply: _Reply, call: _Call, status: str) -> Message:
+        return self._keep({"id": call.item_id, "object": "realtime.item", "type": "function_call", "status": status,
+                           "name": call.name, "call_id": call.call_id,
+                           "arguments": call.arguments if status != "in_progress" else ""})
+
+    def _flush_calls(self, reply: _Reply) -> list[Message]:
+        """Every call's events not yet sent: its item, its argument deltas, its end."""
+        out: list[Message] = []
+        for call in reply.calls.values():
+            if call.name not in reply.tools:
+                continue  # made before the response began, to a tool this process runs
+            where = {"response_id": reply.response_id, "item_id": call.item_id, "output_index": call.output_index}
+            if not call.announced:
+                call.announced = True
+                previous = self._add_item(call.item_id, reply.turn_id, "tool")
+                item = self._call_item(reply, call, "in_progress")
+                out += [self._msg(ServerEvent.OUTPUT_ITEM_ADDED, response_id=reply.response_id,
+                                  output_index=call.output_index, item=item),
+                        self._msg(ServerEvent.ITEM_ADDED, previous_item_id=previous, item=item)]
+            if call.unsent:
+                out.append(self._msg(ServerEvent.FUNCTION_ARGUMENTS_DELTA, **where, call_id=call.call_id,
+                                     delta=call.unsent))
+                call.unsent = ""
+            if call.done and not call.closed:
+                call.closed = True
+                item = self._call_item(reply, call, "completed")
+                out += [self._msg(ServerEvent.FUNCTION_ARGUMENTS_DONE, **where, call_id=call.call_id, name=call.name,
+                                  arguments=call.arguments),
+                        self._msg(ServerEvent.OUTPUT_ITEM_DONE, response_id=reply.response_id,
+                                  output_index=call.output_index, item=item),
+                        self._msg(ServerEvent.ITEM_DONE, item=item)]
+        return out
+
+    def _call_delta(self, reply: _Reply, call_id: str, name: str, delta: str) -> None:
+        call = reply.calls.get(call_id)
+        if call is None:
+            index = len(reply.calls) + (1 if reply.message else 0)
+            call = reply.calls[call_id] = _Call(_id("item"), call_id, name, index)
+        call.arguments += delta
+        call.unsent += delta
 
     def cancelling(self, reply: _Reply, reason: str) -> None:
         """The client stops it: response.done will say why."""
         reply.reason = reply.reason or reason
 
     def _deltas(self, reply: _Reply) -> list[Message]:
+        out = self._flush_calls(reply)
+        tokens = [token for token in reply.tokens[reply.sent:] if token]
+        if tokens and not reply.message:
+            out += self._open_message(reply)  # words after all (an apology, an engine's error phrase)
         kind = ServerEvent.AUDIO_TRANSCRIPT_DELTA if "audio" in reply.modalities else ServerEvent.TEXT_DELTA
-        out = [self._msg(kind, **self._where(reply), delta=token) for token in reply.tokens[reply.sent:] if token]
+        out += [self._msg(kind, **self._where(reply), delta=token) for token in tokens]
         reply.sent = len(reply.tokens)
         return out
 
@@ -323,18 +434,30 @@ class RealtimeProtocol(Closing):
         if not reply.active:
             return []
         text = reply.written
-        where = self._where(reply)
         out = self._deltas(reply)
-        if "audio" in reply.modalities:
-            out.append(self._msg(ServerEvent.AUDIO_DONE, **where))
-            out.append(self._msg(ServerEvent.AUDIO_TRANSCRIPT_DONE, **where, transcript=text))
-        else:
-            out.append(self._msg(ServerEvent.TEXT_DONE, **where, text=text))
-        out.append(self._msg(ServerEvent.PART_DONE, **where, part=self._part(reply, text)))
-        item_status = "completed" if status == "completed" else "incomplete"
-        item = self._keep(self._assistant_item(reply, item_status))
-        out.append(self._msg(ServerEvent.OUTPUT_ITEM_DONE, response_id=reply.response_id, output_index=0, item=item))
-        out.append(self._msg(ServerEvent.ITEM_DONE, item=item))
+        outputs: dict[int, Message] = {}
+        for call in reply.calls.values():
+            if not call.announced:
+                continue
+            if not call.closed:  # cut off while the model wrote it
+                call.closed = True
+                out.append(self._msg(ServerEvent.OUTPUT_ITEM_DONE, response_id=reply.response_id,
+                                     output_index=call.output_index, item=self._call_item(reply, call, "incomplete")))
+            outputs[call.output_index] = self._bodies[call.item_id]
+        if reply.message:
+            where = self._where(reply)
+            if "audio" in reply.modalities:
+                out.append(self._msg(ServerEvent.AUDIO_DONE, **where))
+                out.append(self._msg(ServerEvent.AUDIO_TRANSCRIPT_DONE, **where, transcript=text))
+            else:
+                out.append(self._msg(ServerEvent.TEXT_DONE, **where, text=text))
+            out.append(self._msg(ServerEvent.PART_DONE, **where, part=self._part(reply, text)))
+            item_status = "completed" if status == "completed" else "incomplete"
+            item = self._keep(self._assistant_item(reply, item_status))
+            out.append(self._msg(ServerEvent.OUTPUT_ITEM_DONE, response_id=reply.response_id,
+                                 output_index=reply.message_index, item=item))
+            out.append(self._msg(ServerEvent.ITEM_DONE, item=item))
+            outputs[reply.message_index] = item
         details: dict[str, Any] = {"type": status}
         if status == "cancelled":
             details["reason"] = reply.reason or "client_cancelled"
@@ -342,7 +465,8 @@ class RealtimeProtocol(Closing):
             self._cancelled.append(reply.response_id)
         elif status == "failed":
             details["error"] = {"type": "server_error", "code": "stage_failed"}
-        out.append(self._msg(ServerEvent.RESPONSE_DONE, response=self._response(reply, status, details, [item])))
+        output = [outputs[index] for index in sorted(outputs)]
+        out.append(self._msg(ServerEvent.RESPONSE_DONE, response=self._response(reply, status, details, output)))
         reply.status = status
         if len(self._replies) > 64:
             for old in sorted(self._replies)[:-32]:
@@ -398,7 +522,8 @@ class RealtimeProtocol(Closing):
             case frames.TranscriptFinal() if not event.speculative and turn_id in self._heard:
                 out += self.transcribed(turn_id, event.text)
                 if reply is None or reply.response_id is None:
-                    out += self.start_response(turn_id, hold=True)
+                    c = self.config
+                    out += self.start_response(turn_id, hold=True, calls_only=bool(c.tools) and c.tool_choice.forced)
             case frames.BufferTranscribed() if turn_id in self._heard:
                 out += self.transcribed(turn_id, event.text, event.audio_s)
             case frames.TranscriptEmpty() if turn_id in self._heard:
@@ -410,9 +535,24 @@ class RealtimeProtocol(Closing):
                     out += self._deltas(reply)
             case frames.LLMDone():
                 reply = self._replies.setdefault(turn_id, _Reply(turn_id))
-                reply.text, reply.output_tokens = event.text, event.tokens
+                reply.text, reply.output_tokens = event.text, reply.output_tokens + event.tokens
+            case frames.ToolCallDelta():
+                reply = self._replies.setdefault(turn_id, _Reply(turn_id))
+                if reply.response_id is None or event.name in reply.tools:  # not ours: this process runs those
+                    self._call_delta(reply, event.call_id, event.name, event.delta)
+                    if reply.active and not reply.hold:
+                        out += self._flush_calls(reply)
+            case frames.ToolCalled() if reply is not None:
+                for made in event.calls:
+                    call = reply.calls.get(made.call_id)
+                    if call is not None:
+                        call.arguments, call.unsent, call.done = made.arguments, "", True
+                reply.output_tokens += sum(max(1, len(c.arguments) // 4) for c in event.calls)
+                if reply.active and not reply.hold:
+                    out += self._flush_calls(reply)
             case frames.ReplyCancelled() if reply is not None:
                 reply.tokens, reply.text, reply.sent, reply.hold, reply.output_tokens = [], None, 0, False, 0
+                reply.calls = {}
             case frames.ReplyInterrupted() if reply is not None:
                 reply.heard = (event.heard_text, event.played_samples * 1000 / (event.sample_rate or self.pipeline_rate))
                 reply.reason = reply.reason or ("turn_detected" if event.by_turn is not None else "client_cancelled")

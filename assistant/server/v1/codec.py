@@ -64,6 +64,8 @@ class MessageType(StrEnum):
     RESPONSE_AUDIO_START = "response.audio.start"
     RESPONSE_AUDIO_END = "response.audio.end"
     RESPONSE_INTERRUPTED = "response.interrupted"
+    TOOL_CALL = "tool.call"
+    TOOL_RESULT = "tool.result"
     TURN_METRICS = "turn.metrics"
     BUDGET_EXCEEDED = "budget.exceeded"
     ERROR = "error"
@@ -79,6 +81,8 @@ EVENT_TYPES: Final[dict[type[Event], MessageType]] = {
     frames.LLMDone: MessageType.RESPONSE_TEXT_DONE,
     frames.ReplyCancelled: MessageType.RESPONSE_CANCELLED,
     frames.ReplyInterrupted: MessageType.RESPONSE_INTERRUPTED,
+    frames.ToolCalled: MessageType.TOOL_CALL,
+    frames.ToolResult: MessageType.TOOL_RESULT,
     frames.BudgetExceeded: MessageType.BUDGET_EXCEEDED,
     frames.StageError: MessageType.ERROR,  # code stage_failed
 }
@@ -289,6 +293,12 @@ class ProtocolV1(Closing):
                     "stop_ms": round(event.stop_ms, 1),
                     "by_turn": event.by_turn,
                 }
+            case frames.ToolCalled():
+                return {"calls": [{"call_id": c.call_id, "name": c.name, "arguments": c.arguments}
+                                  for c in event.calls]}
+            case frames.ToolResult():
+                return {"call_id": event.call_id, "name": event.name, "output": event.output, "error": event.error,
+                        "elapsed_ms": event.elapsed_ms}
             case frames.BudgetExceeded():
                 return {"stage": event.stage, "budget_ms": event.budget_ms, "elapsed_ms": event.elapsed_ms,
                         "policy": event.policy}
