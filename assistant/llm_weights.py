@@ -143,7 +143,7 @@ def prepare_weights(
     _remove_stale_temps(cache_dir, target.name)
     what = "fp32" if kind == "fp32" else "4-bit (W4A16)"
     eta = "~30 s" if kind == "fp32" else "~1-2 min"
-    progress(f"converting SmolLM2 GGUF to {what} weights (one time, {eta})...")
+    progress(f"converting {gguf_path.name} to {what} weights (one time, {eta})...")
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=cache_dir))
     try:
         try:

@@ -44,6 +44,13 @@ KEYWORDS = {
 }
 
 
+def _answer_ms(turn: dict[str, Any]) -> float | None:
+    stamps = turn.get("milestones_ms", {})
+    if "tts_first_audio" not in stamps or "speech_end" not in stamps:
+        return None
+    return round(max(stamps["tts_first_audio"], stamps.get("first_audio_out", 0)) - stamps["speech_end"], 1)
+
+
 def right_argument(arguments: str, argument: str, value: str) -> bool:
     try:
         given = json.loads(arguments).get(argument)
@@ -98,20 +105,26 @@ async def one_mode(models: Any, mode: str, overrides: list[str], config_path: st
                 "acknowledged": any(b["stage"] in ("llm_first_token", "tool_call", "first_chunk")
                                     and b["policy"] == "acknowledge" for b in turn.get("budget_exceeded", [])),
                 "voice_to_voice_ms": turn.get("voice_to_voice_ms"),
+                # the answer itself (the acknowledgement may have played first): its first audio synthesized
+                "answer_ms": _answer_ms(turn),
                 "tool_call_ms": turn.get("latency_ms", {}).get("tool_call"),
                 "reply": turn.get("reply", ""),
             })
-            print(f"  {q['file']:20} {rows[-1]['call'] or 'no call':48} right={rows[-1]['right_call']!s:5} "
-                  f"v2v={rows[-1]['voice_to_voice_ms']}  {rows[-1]['reply'][:60]!r}", flush=True)
+            r = rows[-1]
+            print(f"  {q['file']:20} {' '.join((r['call'] or 'no call').split()):44} right={r['right_call']!s:5} "
+                  f"v2v={r['voice_to_voice_ms']} answer={r['answer_ms']} ack={r['acknowledged']!s:5} "
+                  f"heard={r['transcript']!r} said={r['reply'][:50]!r}", flush=True)
     finally:
         await tools.close()
     called = [r["voice_to_voice_ms"] for r in rows if r["call"] and r["voice_to_voice_ms"] is not None]
+    answered = [r["answer_ms"] for r in rows if r["call"] and r["answer_ms"] is not None]
     return {
         "mode": mode, "questions": len(rows),
         "right_call": sum(r["right_call"] for r in rows), "right_tool": sum(r["right_tool"] for r in rows),
         "called": sum(bool(r["call"]) for r in rows), "results_ok": sum(r["result_ok"] for r in rows),
         "acknowledged": sum(r["acknowledged"] for r in rows),
-        "v2v_with_call_ms": summary(called) if called else None, "rows": rows,
+        "v2v_with_call_ms": summary(called) if called else None,
+        "answer_with_call_ms": summary(answered) if answered else None, "rows": rows,
     }
 
 
@@ -135,12 +148,14 @@ async def main() -> int:
     finally:
         models.close()
     print(f"\n{'mode':10} {'right call':>11} {'right tool':>11} {'called':>7} {'result ok':>10} {'ack':>4}"
-          f" {'v2v p50':>8} {'v2v p95':>8}")
+          f" {'v2v p50':>8} {'v2v p95':>8} {'answer p50':>11} {'answer p95':>11}")
     for r in results:
-        v = r["v2v_with_call_ms"] or {}
+        v, a = r["v2v_with_call_ms"] or {}, r["answer_with_call_ms"] or {}
         print(f"{r['mode']:10} {r['right_call']:>5}/{r['questions']:<5} {r['right_tool']:>5}/{r['questions']:<5}"
               f" {r['called']:>7} {r['results_ok']:>10} {r['acknowledged']:>4} {v.get('p50', '-'):>8}"
-              f" {v.get('p95', '-'):>8}")
+              f" {v.get('p95', '-'):>8} {a.get('p50', '-'):>11} {a.get('p95', '-'):>11}")
+    print("v2v: from the last voiced sample to the first audio (the acknowledgement, where one played);"
+          " answer: to the answer's own first audio")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -145,3 +146,51 @@ def test_a_finished_reply_is_not_aborted_and_a_consumer_that_leaves_is() -> None
     finished, left, reply = asyncio.run(main())
     assert finished == [] and reply.finish_reason == "stop" and reply.text == "Paris is lovely."
     assert left == ["gone"]
+
+
+def test_the_local_engine_parses_calls_a_trained_model_chooses_and_passes_prose_on() -> None:
+    """``llm.tool_parser: hermes``: the template gets the tools; ``<tool_call>`` blocks become
+    call pieces, prose streams as text at once (no engine: a scripted one)."""
+    from types import SimpleNamespace
+
+    from assistant.engine.local import VLLMModel
+    from pipeline.llm import CallPiece
+    from pipeline.tools import ToolChoice, ToolSpec
+
+    class Engine:
+        def __init__(self, pieces: list[str]) -> None:
+            self.pieces = pieces
+
+        async def generate(self, prompt: str, params: Any, request_id: str) -> Any:
+            for i, piece in enumerate(self.pieces):
+                finished = i == len(self.pieces) - 1
+                yield SimpleNamespace(finished=finished, outputs=[SimpleNamespace(
+                    text=piece, finish_reason="stop" if finished else None)])
+
+    class Tokenizer:
+        def __init__(self) -> None:
+            self.tools: Any = None
+
+        def apply_chat_template(self, messages: Any, tools: Any = None, **kwargs: Any) -> str:
+            self.tools = tools
+            return "prompt"
+
+    weather = ToolSpec("get_weather", "Weather.", {"type": "object", "properties": {"city": {"type": "string"}}})
+
+    async def run(pieces: list[str]) -> tuple[list[Any], Tokenizer]:
+        tokenizer = Tokenizer()
+        model = VLLMModel(Engine(pieces), tokenizer, 50, 0.0, 1.0, tool_parser="hermes")
+        items = [item async for item in model.stream([{"role": "user", "content": "hi"}], "r", "s", [weather],
+                                                    ToolChoice("auto"))]
+        return items, tokenizer
+
+    items, tokenizer = asyncio.run(run(["<tool", "_call>\n{\"name\": \"get_weather\", ",
+                                        "\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"]))
+    assert tokenizer.tools == [weather.openai()["function"]]
+    calls = [i for i in items if isinstance(i, CallPiece)]
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    assert items[-1] == ("", "tool_calls")
+    items, _ = asyncio.run(run(["It is", " sunny."]))
+    assert items == [("It is", None), (" sunny.", "stop")]
+    items, _ = asyncio.run(run(["<tool_call>not json</tool_call>"]))  # not a call: said as it was written
+    assert items == [("<tool_call>not json</tool_call>", None), ("", "stop")]

@@ -286,3 +286,45 @@ def test_engine_flags_are_the_local_engines(config: Any) -> None:
     if spec is not None:
         assert json.loads(command[command.index("--speculative-config") + 1]) == spec
     assert command[-2:] == ["--tensor-parallel-size", "2"], "extra flags pass through to vLLM"
+
+
+def test_a_forced_call_through_the_server_is_valid_json_under_the_tools_schema(engine_url: str, run: Any) -> None:
+    """A named tool_choice on vLLM's server (its structured outputs): the default model writes
+    the call's arguments, streamed as tool-call deltas, valid under the schema."""
+    from pipeline.llm import CallPiece
+    from pipeline.tools import ToolChoice, ToolSpec
+
+    config = remote_config(engine_url)
+    llm = RemoteModel(RemoteSettings.from_config(config))
+    run(llm.connect())
+    weather = ToolSpec("get_weather", "Current weather for a city.",
+                       {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+    messages = [{"role": "system", "content": config.llm.system_prompt},
+                {"role": "user", "content": "What is the weather like in London?"}]
+
+    async def call() -> tuple[list[CallPiece], list[str]]:
+        pieces: list[CallPiece] = []
+        text: list[str] = []
+        async for item in llm.stream(messages, "tool-test", "s1", [weather], ToolChoice("named", "get_weather")):
+            if isinstance(item, CallPiece):
+                pieces.append(item)
+            else:
+                text.append(item[0])
+        return pieces, text
+
+    pieces, text = run(call())
+    run(llm.aclose())
+    assert pieces and {p.index for p in pieces} == {0} and not "".join(text).strip()
+    assert pieces[0].name == "get_weather" and pieces[0].call_id
+    arguments = json.loads("".join(p.arguments for p in pieces))
+    assert isinstance(arguments, dict) and isinstance(arguments.get("city"), str)
+
+
+def test_the_engine_parses_calls_only_for_a_model_that_makes_them(config: Any) -> None:
+    from assistant.engine.server import server_command
+
+    plain = server_command(config, Path("/tmp/w"), "127.0.0.1", 8000, [])
+    assert "--enable-auto-tool-choice" not in plain
+    trained = load_config(overrides=["llm.tool_parser=hermes"])
+    command = server_command(trained, Path("/tmp/w"), "127.0.0.1", 8000, [])
+    assert command[command.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in command

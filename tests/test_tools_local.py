@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from assistant.config import load_config
-from assistant.errors import ConfigError
+from assistant.errors import ConfigError, ModelError
 from assistant.tools import ToolFailed, Tools, load_tools
 
 from helpers import free_port
@@ -143,3 +143,37 @@ def test_tool_config_errors_name_the_bad_key() -> None:
     for tools, message in cases:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             _config(tools)
+
+
+def test_an_opt_in_model_is_joined_from_its_wheels_and_checked_against_its_pin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    from assistant import tool_models
+
+    site = tmp_path / "site"
+    blobs = [b"GGUF" + bytes(range(200)), b"more weights" * 10]
+    for n, blob in enumerate(blobs, 1):
+        data = site / f"fake_model_part{n}" / "data"
+        data.mkdir(parents=True)
+        (data.parent / "__init__.py").write_text("")
+        (data / f"part{n:02d}.bin").write_bytes(blob)
+    whole = b"".join(blobs)
+    model = tool_models.OptInModel("fake-model", "A fake", "fake-model-part", "1.0", 2, len(whole),
+                                   hashlib.sha256(whole).hexdigest())
+    monkeypatch.setitem(tool_models.MODELS, "fake-model", model)
+    cache = tmp_path / "cache"
+    missing = r"fake-model is not installed \(part 1 of 2 is missing\).*tool_models install fake-model"
+    with pytest.raises(ModelError, match=missing):
+        tool_models.gguf("fake-model", cache, progress=lambda _: None)
+    monkeypatch.syspath_prepend(str(site))
+    path = tool_models.gguf("fake-model", cache, progress=lambda _: None)
+    assert path.read_bytes() == whole and (cache / "NOTICE.fake-model").is_file()
+    assert tool_models.gguf("fake-model", cache, progress=lambda _: None) == path  # once
+    # A part that is not the pinned file is refused, and nothing is left behind.
+    (site / "fake_model_part2" / "data" / "part02.bin").write_bytes(b"tampered")
+    path.unlink()
+    with pytest.raises(ModelError, match="not the pinned file"):
+        tool_models.gguf("fake-model", cache, progress=lambda _: None)
+    assert not path.exists() and not list(cache.glob(".fake-model.gguf.*"))

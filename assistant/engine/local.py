@@ -29,13 +29,17 @@ log = logging.getLogger("assistant.engine")
 
 def llm_weights_dir(config: Config, progress: Progress = print_progress) -> Path:
     """The folder vLLM loads: the bundled GGUF converted once, or a user path."""
+    from .. import tool_models
+    from ..llm_weights import bundled_gguf, prepare_weights
+
+    if config.llm.model in tool_models.MODELS:  # opt-in: a model trained for calls
+        cache = Path(config.llm.cache_dir).expanduser()
+        return prepare_weights(tool_models.gguf(config.llm.model, cache, progress), cache, "fp32", progress)
     if config.llm.model != "bundled":
         path = Path(config.llm.model).expanduser()
         if not (path / "config.json").is_file():
             raise ModelError(f"llm.model: {path} is not a model folder vLLM can load (no config.json)")
         return path
-    from ..llm_weights import bundled_gguf, prepare_weights
-
     kind = resolve_weights_kind(config)
     return prepare_weights(bundled_gguf(), Path(config.llm.cache_dir).expanduser(), kind, progress)
 
@@ -239,7 +243,9 @@ def load_local(config: Config, progress: Progress = print_progress, weights: Pat
 
 def model_label(config: Config) -> str:
     """What the model is called in logs and served-model names."""
-    return "SmolLM2-135M" if config.llm.model == "bundled" else Path(config.llm.model).name
+    if config.llm.model == "bundled":
+        return "SmolLM2-135M"
+    return config.llm.model if "/" not in config.llm.model else Path(config.llm.model).name
 
 
 HERMES_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
