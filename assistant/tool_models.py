@@ -138,6 +138,7 @@ def gguf(name: str, cache_dir: pathlib.Path, progress: Callable[[str], None] = p
         if size != model.size or digest != model.sha256:
             raise ModelError(f"llm.model: the joined {model.name} GGUF is not the pinned file "
                              f"({size} bytes, sha256 {digest[:16]}...; expected {model.size}, {model.sha256[:16]}...)")
+        tmp.chmod(0o644)  # a temporary file is private; the cache may be shared
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -194,3 +194,8 @@ def test_the_local_engine_parses_calls_a_trained_model_chooses_and_passes_prose_
     assert items == [("It is", None), (" sunny.", "stop")]
     items, _ = asyncio.run(run(["<tool_call>not json</tool_call>"]))  # not a call: said as it was written
     assert items == [("<tool_call>not json</tool_call>", None), ("", "stop")]
+    items, _ = asyncio.run(run(['{"name": "get_weather", ', '"arguments": {"city": "Oslo"}}']))  # no tags
+    assert [(i.name, json.loads(i.arguments)) for i in items if isinstance(i, CallPiece)] == [
+        ("get_weather", {"city": "Oslo"})]
+    items, _ = asyncio.run(run(['{"name": "launch_rockets"}']))  # not one of the tools
+    assert not [i for i in items if isinstance(i, CallPiece)]

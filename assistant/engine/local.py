@@ -262,7 +262,9 @@ class VLLMModel:
     any model writes a valid call; one the model chooses itself (``auto``)
     needs a model trained for calls (``tool_parser: hermes``), whose template
     is given the tools and whose ``<tool_call>`` blocks are parsed here as
-    vLLM's server parses them.
+    vLLM's server parses them; a reply that is only a bare JSON call (what
+    Qwen2.5-Coder often writes, without the tags) counts too, which vLLM's
+    ``hermes`` parser does not do.
     """
 
     def __init__(
@@ -321,11 +323,14 @@ class VLLMModel:
                 continue
             held += completion.text
             start = held.lstrip()[: len(HERMES_OPEN)]
-            if start and not HERMES_OPEN.startswith(start):  # prose: the model chose to answer
-                deciding = False
+            if start and not HERMES_OPEN.startswith(start) and not start.startswith("{"):
+                deciding = False  # prose: the model chose to answer
                 yield held, reason
             elif reason is not None:
-                calls = [self._hermes(match.group(1), request_id) for match in HERMES_CALL.finditer(held)]
+                blocks = [match.group(1) for match in HERMES_CALL.finditer(held)]
+                if not blocks and held.lstrip().startswith("{"):
+                    blocks = [held.strip()]  # the bare call Qwen2.5-Coder often writes without its tags
+                calls = [self._hermes(block, request_id, {t.name for t in tools}) for block in blocks]
                 calls = [c for c in calls if c is not None]
                 for index, (name, arguments) in enumerate(calls):
                     yield CallPiece(index, arguments, new_call_id(), name)
@@ -334,14 +339,16 @@ class VLLMModel:
                 yield "", "tool_calls" if calls else reason
 
     @staticmethod
-    def _hermes(block: str, request_id: str) -> tuple[str, str] | None:
-        """A Hermes ``<tool_call>`` block's (name, JSON arguments), or None if it is not one."""
+    def _hermes(block: str, request_id: str, names: set[str]) -> tuple[str, str] | None:
+        """A Hermes ``<tool_call>`` block's (name, JSON arguments), or None if it is not a call to one of ``names``."""
         try:
             call = json.loads(block)
-            return str(call["name"]), json.dumps(call.get("arguments") or {})
+            if call["name"] in names:
+                return str(call["name"]), json.dumps(call.get("arguments") or {})
         except (ValueError, KeyError, TypeError):
-            log.warning("%s: the model wrote a call that is not one: %.120s", request_id, block)
-            return None
+            pass
+        log.warning("%s: the model wrote a call that is not one: %.120s", request_id, block)
+        return None
 
     async def _forced_call(
         self, messages: list[Message], request_id: str, tools: Sequence[ToolSpec], choice: ToolChoice,

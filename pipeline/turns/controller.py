@@ -123,7 +123,7 @@ class TurnSettings:
     # of calls one turn may make, and what is said when a call fails.
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
     preselect: bool = True
-    max_tool_rounds: int = 3
+    max_tool_rounds: int = 1
     tool_apology: str = "Sorry, I couldn't get that information right now."
 
 
