@@ -21,15 +21,13 @@ below (:mod:`audio.frame`) and are re-exported here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from audio.frame import AudioFrame, now
-
-if TYPE_CHECKING:
-    from .tools import ToolCall, ToolChoice, ToolSpec
 
 __all__ = [
     "AudioFrame",
@@ -44,6 +42,10 @@ __all__ = [
     "TranscriptEmpty",
     "ReplyRequest",
     "TranscribeRequest",
+    "ToolSpec",
+    "ToolChoice",
+    "NO_TOOLS",
+    "ToolCall",
     "ToolRequest",
     "BufferTranscribed",
     "LLMToken",
@@ -67,6 +69,77 @@ __all__ = [
     "END",
     "now",
 ]
+
+
+# --------------------------------------------------------------------------
+# Function calls: what a reply request offers and a reply makes (pipeline/tools.py)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A function the model may call: its name, what it does, its arguments' JSON schema."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    # Words that mark a question this tool answers (``tools.preselect``):
+    # a deterministic choice for a model that cannot choose by itself.
+    keywords: tuple[str, ...] = ()
+
+    def openai(self) -> dict[str, Any]:
+        """As the chat completions API (and chat templates) take it."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": dict(self.parameters)}}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """How the model must choose: ``mode`` auto | none | required | named (``name``)."""
+
+    mode: str = "auto"
+    name: str | None = None
+
+    @classmethod
+    def of(cls, value: Any) -> ToolChoice:
+        """From OpenAI's forms: ``"auto"``, ``"none"``, ``"required"``,
+        ``{"type": "function", "name": ...}`` (Realtime) or
+        ``{"type": "function", "function": {"name": ...}}`` (chat)."""
+        if isinstance(value, ToolChoice):
+            return value
+        if value in ("auto", "none", "required"):
+            return cls(value)
+        if isinstance(value, Mapping) and value.get("type") == "function":
+            name = value.get("name") or (value.get("function") or {}).get("name")
+            if isinstance(name, str) and name:
+                return cls("named", name)
+        raise ValueError('tool_choice must be "auto", "none", "required" or {"type": "function", "name": ...}')
+
+    @property
+    def forced(self) -> bool:
+        """The model must call (a tool it names, or one of them)."""
+        return self.mode in ("required", "named")
+
+    def openai(self) -> Any:
+        if self.mode == "named":
+            return {"type": "function", "function": {"name": self.name}}
+        return self.mode
+
+
+NO_TOOLS = ToolChoice("none")
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One call the model made: ``arguments`` is the JSON text it wrote."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+    def openai(self) -> dict[str, Any]:
+        return {"id": self.call_id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
 
 
 # --------------------------------------------------------------------------

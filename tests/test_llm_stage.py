@@ -197,5 +197,7 @@ def test_the_local_engine_parses_calls_a_trained_model_chooses_and_passes_prose_
     items, _ = asyncio.run(run(['{"name": "get_weather", ', '"arguments": {"city": "Oslo"}}']))  # no tags
     assert [(i.name, json.loads(i.arguments)) for i in items if isinstance(i, CallPiece)] == [
         ("get_weather", {"city": "Oslo"})]
+    items, _ = asyncio.run(run(['{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}']))
+    assert [json.loads(i.arguments) for i in items if isinstance(i, CallPiece)] == [{"city": "Rome"}]
     items, _ = asyncio.run(run(['{"name": "launch_rockets"}']))  # not one of the tools
     assert not [i for i in items if isinstance(i, CallPiece)]

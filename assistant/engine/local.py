@@ -344,7 +344,10 @@ class VLLMModel:
         try:
             call = json.loads(block)
             if call["name"] in names:
-                return str(call["name"]), json.dumps(call.get("arguments") or {})
+                arguments = call.get("arguments") or {}
+                if isinstance(arguments, str):  # written as a JSON string, as the chat API carries them
+                    arguments = json.loads(arguments)
+                return str(call["name"]), json.dumps(arguments)
         except (ValueError, KeyError, TypeError):
             pass
         log.warning("%s: the model wrote a call that is not one: %.120s", request_id, block)
