@@ -22,6 +22,7 @@ __all__ = ["plot_timelines"]
 _STYLE = {
     "user_speech": dict(facecolor="#9ecae1", label="user speech"),
     "end_of_speech": dict(facecolor="#d9d9d9", hatch="///", edgecolor="#969696", label="VAD hangover"),
+    "tool_call": dict(facecolor="#fd8d3c", hatch="xx", edgecolor="#a63603", label="tool call"),
     "llm_full_reply": dict(facecolor="#fdae6b", label="LLM first token .. done"),
     "tts_full_reply": dict(facecolor="#c7b9e2", label="TTS synthesis (whole reply)"),
     "reply_audio": dict(facecolor="#74c476", label="reply audio"),
