@@ -254,3 +254,18 @@ def test_the_history_trims_a_call_with_its_question_and_answers_late_results() -
     conversation.open(2, "and tomorrow in Paris as well please")
     messages = conversation.messages(upto=2)
     assert messages[1]["role"] == "user"  # never a call or a result without its question
+
+
+def test_a_call_the_client_runs_gets_no_acknowledgement() -> None:
+    """A response that is a client's forced call has no audio of its own: no "One moment." either."""
+
+    async def main() -> None:
+        rig = ToolRig(None, budgets=(Budget("llm_first_token", 1, "acknowledge"),))
+        rig.pipeline.controller.set_tools((FakeToolbox().specs[0],), ToolChoice("named", "get_weather"))
+        rig.start()
+        turn = rig.ask("What's the weather in Lima?")
+        assert isinstance(await rig.closed(turn), TurnCompleted)
+        await rig.stop()
+        assert rig.of(ToolCalled, turn) and not rig.of(ReplyAudioStarted, turn)
+
+    asyncio.run(main())

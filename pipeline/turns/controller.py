@@ -373,6 +373,16 @@ class TurnController:
         turns = self.conversation.turns
         return bool(turns) and turns[-1]["role"] == "tool"
 
+    def _calls_for_the_client(self, turn_id: int) -> bool:
+        """The turn's reply is (or must be) a call the client runs: it ends without words."""
+        calls = self._calls.get(turn_id)
+        if calls is None:
+            return False
+        names = {t.name for t in self.client_tools}
+        forced = calls.choice.forced and any(t.name in names for t in calls.tools
+                                             if calls.choice.mode != "named" or t.name == calls.choice.name)
+        return calls.client or forced
+
     def steps_pending(self) -> bool:
         """A turn called tools and is not over: its answer is still to come
         (the LLM stage holds the end of input for it)."""
@@ -569,6 +579,7 @@ class TurnController:
                 or turn.cancelled
                 or playback.has_started(turn_id)
                 or not self.floor.may_play(turn_id)  # never over the user, not even "One moment."
+                or self._calls_for_the_client(turn_id)  # a response that is a client's call has no audio
             ):
                 return
             self._acknowledged.add(turn_id)
