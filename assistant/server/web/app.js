@@ -184,6 +184,7 @@ function render(turn) {
   if (turn.voiceToVoiceMs !== null) meta.push(`voice-to-voice ${Math.round(turn.voiceToVoiceMs)} ms`);
   if (turn.heardVoiceToVoiceMs !== null) meta.push(`heard here after ${Math.round(turn.heardVoiceToVoiceMs)} ms`);
   if (["interrupted", "cancelled", "failed"].includes(turn.status)) meta.push(turn.status);
+  for (const call of turn.tools || []) meta.push(`${call.name}: ${call.status}`);
   if (turn.overBudget) meta.push(`over budget: ${turn.overBudget.join(", ")}`);
   el.meta.textContent = meta.join(" · ");
   el.meta.classList.toggle("late", Boolean(turn.late));
@@ -508,6 +509,21 @@ function onEvent(ev) {
         ui.latency.textContent = `Last turn: ${Math.round(turn.voiceToVoiceMs)} ms voice-to-voice`;
       }
       maybeHeard(turn);
+      return;
+    }
+    case "tool.call": {
+      // The reply looks something up: shown on the turn's card until its result comes.
+      const turn = turnFor(ev.turn_id);
+      turn.tools = [...(turn.tools || []), ...ev.calls.map((c) => ({ id: c.call_id, name: c.name, status: "calling…" }))];
+      render(turn);
+      return;
+    }
+    case "tool.result": {
+      const turn = turnFor(ev.turn_id);
+      for (const call of turn.tools || []) {
+        if (call.id === ev.call_id) call.status = ev.error ? "failed" : `${Math.round(ev.elapsed_ms)} ms`;
+      }
+      render(turn);
       return;
     }
     case "budget.exceeded":
