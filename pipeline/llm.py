@@ -39,6 +39,7 @@ just before is part of it.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,34 @@ class CallPiece:
     arguments: str
     call_id: str | None = None
     name: str | None = None
+
+
+class ForcedCall:
+    """A call the request requires, from the text an engine writes under
+    :func:`pipeline.tools.call_schema`: a named tool's arguments stream as
+    pieces; ``required``'s ``{"name", "arguments"}`` becomes one piece once whole."""
+
+    def __init__(self, choice: ToolChoice) -> None:
+        self.choice = choice
+        self.call_id = new_call_id()
+        self.written = ""
+
+    def piece(self, text: str) -> CallPiece | None:
+        first = not self.written
+        self.written += text
+        if self.choice.mode != "named" or not text:
+            return None
+        return CallPiece(0, text, self.call_id if first else None, self.choice.name if first else None)
+
+    def end(self, request_id: str) -> CallPiece | None:
+        if self.choice.mode != "required":
+            return None
+        try:
+            call = json.loads(self.written)
+            return CallPiece(0, json.dumps(call["arguments"]), self.call_id, str(call["name"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: the forced call is not whole: %.120s", request_id, self.written)
+            return None
 
 
 Message = dict[str, Any]  # OpenAI chat format: role, content, tool_calls, tool_call_id

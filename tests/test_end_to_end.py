@@ -38,7 +38,8 @@ def test_spoken_question_gets_a_spoken_reply(models: Any, config: Any, run: Any)
     # (during the hangover), so its chain may run ahead of the turn's end,
     # but no reply audio plays before the turn has ended.
     stamps = turn["milestones_ms"]
-    assert list(stamps) == list(REPORT_MILESTONES)
+    # Every milestone of the report, in order (a turn without a function call has no tool_*).
+    assert list(stamps) == [m for m in REPORT_MILESTONES if not m.startswith("tool_")]
     listening = [stamps[k] for k in ("speech_start", "speech_end", "vad_end", "asr_final")]
     replying = [stamps[k] for k in ("llm_first_token", "first_chunk", "tts_first_audio", "first_audio_out", "reply_end")]
     assert listening == sorted(listening) and replying == sorted(replying), stamps

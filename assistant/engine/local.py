@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.llm import CallPiece, Message
+from pipeline.llm import CallPiece, ForcedCall, Message
 from pipeline.tools import NO_TOOLS, ToolChoice, ToolSpec, call_schema, new_call_id, plain_messages
 
 from ..config import Config
@@ -358,20 +358,15 @@ class VLLMModel:
         schema: dict[str, Any],
     ) -> AsyncIterator[tuple[str, str | None] | CallPiece]:
         """A call the request requires, written under its JSON schema."""
-        call_id = new_call_id()
-        written = ""
+        call = ForcedCall(choice)
         prompt = self.prompt(messages, [t for t in tools if choice.mode != "named" or t.name == choice.name])
         async for output in self.engine.generate(prompt, self._call_params(schema), request_id):
-            text = output.outputs[0].text
-            if choice.mode == "named" and text:
-                yield CallPiece(0, text, call_id if not written else None, choice.name if not written else None)
-            written += text
-        if choice.mode == "required":  # {"name": ..., "arguments": {...}}: one piece once it is whole
-            try:
-                call = json.loads(written)
-                yield CallPiece(0, json.dumps(call["arguments"]), call_id, str(call["name"]))
-            except (ValueError, KeyError, TypeError):
-                log.warning("%s: the forced call is not whole: %.120s", request_id, written)
+            piece = call.piece(output.outputs[0].text)
+            if piece is not None:
+                yield piece
+        last = call.end(request_id)
+        if last is not None:
+            yield last
         yield "", "tool_calls"
 
     async def abort(self, request_id: str) -> None:

@@ -33,8 +33,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.llm import CallPiece, EngineUnavailable, Message
-from pipeline.tools import NO_TOOLS, ToolChoice, ToolSpec, plain_messages
+from pipeline.llm import CallPiece, EngineUnavailable, ForcedCall, Message
+from pipeline.tools import NO_TOOLS, ToolChoice, ToolSpec, call_schema, offered, plain_messages
 
 from ..errors import ConfigError
 from ..telemetry import Sample, scrape, total
@@ -122,8 +122,10 @@ class RemoteModel:
         (``llm.tool_parser``; without one the model is not offered the tools)."""
         if tool_choice.mode == "auto" and self.settings.tool_parser == "none":
             tools = ()
+        schema = call_schema(tools, tool_choice) if tools else None
+        forced = ForcedCall(tool_choice) if schema is not None else None
         if self.settings.tool_parser == "none":  # a template without tools: calls and results as text
-            messages = plain_messages(messages, tools)
+            messages = plain_messages(messages, offered(tools, tool_choice))
         if self.state != "up":
             await self.connect()
             if self.state != "up":
@@ -140,8 +142,7 @@ class RemoteModel:
                 top_p=s.top_p if s.temperature > 0 else 1.0,
                 extra_body={"min_tokens": s.min_tokens} if s.min_tokens else None,
                 extra_headers={"X-Session-ID": session_id, "X-Request-ID": request_id},
-                **({"tools": [t.openai() for t in tools], "tool_choice": tool_choice.openai()}  # type: ignore[arg-type]
-                   if tools else {}),
+                **self._tool_fields(tools, tool_choice, schema),
             )
         except openai.APIConnectionError as exc:  # includes timeouts
             self._went_down(_reason(exc))
@@ -156,6 +157,11 @@ class RemoteModel:
                 if not chunk.choices:
                     continue
                 choice = chunk.choices[0]
+                if forced is not None:  # the content is the call, written under its schema
+                    piece = forced.piece(choice.delta.content or "")
+                    if piece is not None:
+                        yield piece
+                    continue
                 for call in choice.delta.tool_calls or ():
                     function = call.function
                     yield CallPiece(call.index, (function.arguments if function else None) or "", call.id,
@@ -167,6 +173,20 @@ class RemoteModel:
         finally:
             self._open.pop(request_id, None)
             await stream.close()  # mid-reply: vLLM sees the disconnect and aborts
+        if forced is not None:
+            last = forced.end(request_id)
+            if last is not None:
+                yield last
+            yield "", "tool_calls"
+
+    def _tool_fields(self, tools: Sequence[ToolSpec], choice: ToolChoice, schema: dict[str, Any] | None) -> dict[str, Any]:
+        """A forced call as a JSON-schema response (vLLM's structured outputs: any server, no
+        tool parser needed); a choice left to the model as tools for the server's parser."""
+        if schema is not None:
+            return {"response_format": {"type": "json_schema", "json_schema": {"name": "call", "schema": schema}}}
+        if tools:
+            return {"tools": [t.openai() for t in tools], "tool_choice": choice.openai()}
+        return {}
 
     async def abort(self, request_id: str) -> None:
         """Close the request's stream: the server aborts it."""
