@@ -151,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Add it in Home Assistant as a Wyoming Protocol integration (host and port)."
         ),
     )
-    wyoming.add_argument("--uri", default="tcp://0.0.0.0:10300", metavar="URI",
-                         help="tcp://HOST:PORT or unix://PATH (default tcp://0.0.0.0:10300)")
+    wyoming.add_argument("--uri", default=None, metavar="URI",
+                         help="tcp://HOST:PORT or unix://PATH (default wyoming.uri: tcp://127.0.0.1:10300, this "
+                         "machine only; the protocol has no authentication, see wyoming.allowed_clients)")
     wyoming.add_argument("--zeroconf", nargs="?", const="", default=None, metavar="NAME",
                          help="announce _wyoming._tcp.local. for Home Assistant's discovery (needs the zeroconf "
                          "package); NAME defaults to the MAC address")

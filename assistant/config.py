@@ -189,6 +189,15 @@ class ServerConfig:
 
 
 @dataclass
+class WyomingConfig:
+    """`voice-assistant wyoming`: the protocol has no authentication, so who may connect is said here."""
+
+    uri: str
+    allowed_clients: list[str]
+    max_connections: int
+
+
+@dataclass
 class HttpToolConfig:
     url: str
     method: Literal["GET", "POST"] = "POST"
@@ -252,6 +261,7 @@ class Config:
     barge_in: BargeInConfig
     echo: EchoConfig
     server: ServerConfig
+    wyoming: WyomingConfig
     kiosk: KioskConfig
     tools: ToolsConfig
     log_level: Literal["debug", "info", "warning", "error"] = field(default="info")
@@ -324,6 +334,7 @@ _CHECKS: dict[str, tuple[Any, Any]] = {
     "server.message_burst": (10, 1000000),
     "server.jitter_buffer_ms": (0, 5000),
     "server.shutdown_grace_s": (0, 60),
+    "wyoming.max_connections": (1, 1000),
     "kiosk.idle_s": (1.0, 3600.0),
     "kiosk.metrics_port": (0, 65535),
 }
@@ -342,7 +353,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     config = _build(Config, data, prefix="")
     _check_ranges(config)
     _check_tools(config.tools)
+    _check_clients(config.wyoming.allowed_clients)
     return config
+
+
+def _check_clients(clients: list[str]) -> None:
+    """Each allowed client is an address or a network (``192.168.1.20``, ``10.0.0.0/24``)."""
+    import ipaddress
+
+    for i, client in enumerate(clients):
+        try:
+            ipaddress.ip_network(str(client), strict=False)
+        except ValueError:
+            raise ConfigError(f"wyoming.allowed_clients[{i}]: {client!r} is not an IP address or network "
+                              "(e.g. 192.168.1.20 or 192.168.1.0/24)") from None
 
 
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

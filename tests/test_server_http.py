@@ -113,3 +113,30 @@ def test_pipelined_requests_and_bodies_are_a_clean_400(data: bytes, quiet_log: p
     assert headers["connection"] == "close"
     assert health_status == 200 and b'"sessions": 0' in health
     no_tracebacks(quiet_log)
+
+
+def test_a_second_request_on_a_kept_alive_connection_is_closed_cleanly(quiet_log: pytest.LogCaptureFixture) -> None:
+    """The answer says ``Connection: close``; a client that sends its next request
+    anyway sees the connection close at once (before: no answer ever came, and a
+    ``write() after write_eof()`` traceback was logged each time)."""
+
+    async def body(server: Server) -> list[tuple[bytes, bytes]]:
+        seen = []
+        for _ in range(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(request("GET", "/healthz", "Connection: keep-alive\r\n"))
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            await asyncio.wait_for(reader.readexactly(length), 10)
+            writer.write(request("GET", "/healthz"))
+            await writer.drain()
+            seen.append((head, await asyncio.wait_for(reader.read(), 5)))  # EOF, not a hang
+            writer.close()
+        return seen
+
+    seen = serve_and(body)
+    assert all(head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower() and rest == b""
+               for head, rest in seen)
+    no_tracebacks(quiet_log)

@@ -113,16 +113,27 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def load_client_json(text: str) -> Any:
-    """A client's text frame decoded, its size and nesting checked first; ValueError says what is wrong."""
-    if len(text) > MAX_TEXT_CHARS:
-        raise ValueError(f"text frame of {len(text)} characters is over the limit of {MAX_TEXT_CHARS}")
+def load_client_json(text: str | bytes, max_chars: int = MAX_TEXT_CHARS, what: str = "text frame") -> Any:
+    """A client's JSON decoded, its size and nesting checked first; ValueError says what is wrong.
+
+    Every wire decodes what a client sends through this one guard (/ws,
+    the Realtime API, Wyoming's headers): the decoder recurses once per
+    level, so depth is checked before decoding, never after."""
+    if isinstance(text, bytes):
+        if len(text) > max_chars:
+            raise ValueError(f"{what} of {len(text)} bytes is over the limit of {max_chars}")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{what} is not UTF-8") from None
+    if len(text) > max_chars:
+        raise ValueError(f"{what} of {len(text)} characters is over the limit of {max_chars}")
     if json_depth(text) > MAX_JSON_DEPTH:
-        raise ValueError(f"text frame nested deeper than {MAX_JSON_DEPTH} levels")
+        raise ValueError(f"{what} nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(text, parse_constant=_refuse_constant)  # NaN and Infinity are not JSON
     except ValueError:  # JSONDecodeError, a number over Python's digit limit, NaN
-        raise ValueError("text frame is not JSON") from None
+        raise ValueError(f"{what} is not JSON") from None
 
 
 # --------------------------------------------------------------------------

@@ -105,7 +105,10 @@ class HTTPConnection(ServerConnection):
     stream, and answering the first request then failed an assertion inside
     the library (a traceback per request). Here the head is cut at its blank
     line; anything after it before the answer (or a head announcing a body)
-    gets a plain 400, and the connection closes.
+    gets a plain 400, and the connection closes. A request after the answer
+    (a client that keeps the connection alive despite ``Connection: close``)
+    closes the connection at once: writing the 400 after the answer's EOF
+    raised inside the library, and the client waited for an answer forever.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -136,6 +139,10 @@ class HTTPConnection(ServerConnection):
 
     def _bad_request(self, why: str) -> None:
         if self.transport.is_closing():
+            return
+        if self.protocol.eof_sent:  # answered already, "Connection: close": a kept-alive client's next request
+            log.info("HTTP request from %s: a second request on one connection; closing it", peer(self))
+            self.transport.close()  # the client sees the close at once and opens a new connection
             return
         log.info("HTTP request from %s refused: %s", peer(self), why)
         refused = response(http.HTTPStatus.BAD_REQUEST, f"bad request: {why}\n".encode())

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -28,7 +27,7 @@ from websockets.datastructures import Headers
 
 from pipeline.tools import ToolCall, ToolChoice, ToolSpec
 
-from ..face import ErrorCode, ProtocolError
+from ..face import ErrorCode, ProtocolError, load_client_json
 
 SUBPROTOCOL: Final = "realtime"
 KEY_PREFIX: Final = "openai-insecure-api-key."
@@ -140,6 +139,11 @@ class SessionConfig:
 
 
 MAX_TOOLS: Final = 64
+MAX_EVENT_CHARS: Final = 16 * 1024 * 1024  # the listener's server.max_message_bytes bounds a frame first
+INSTRUCTIONS_CHARS_PER_TOKEN: Final = 2
+"""Instructions may take up to half the model's context at ~4 characters a token
+(``max_model_len * 2`` characters): longer ones would leave no room for the
+history and the answer, and every response would fail at the context limit."""
 
 
 def tool_json(tool: ToolSpec) -> dict[str, Any]:
@@ -294,7 +298,8 @@ def _format(value: Any, param: str, event_id: str | None) -> None:
         raise _bad(f'only {{"type": "audio/pcm", "rate": {RATE}}} is supported', param, event_id)
 
 
-def parse_session(config: SessionConfig, session: Any, event_id: str | None) -> SessionConfig:
+def parse_session(config: SessionConfig, session: Any, event_id: str | None,
+                  max_instructions: int = 4096) -> SessionConfig:
     """``session.update``: only the fields present change; tracing and the like are ignored."""
     if not isinstance(session, dict):
         raise _bad("session must be an object", "session", event_id, "invalid_type")
@@ -304,6 +309,9 @@ def parse_session(config: SessionConfig, session: Any, event_id: str | None) -> 
     if "instructions" in session:
         if not isinstance(session["instructions"], str):
             raise _bad("instructions must be a string", "session.instructions", event_id, "invalid_type")
+        if len(session["instructions"]) > max_instructions:
+            raise _bad(f"instructions of {len(session['instructions'])} characters are over this model's limit of "
+                       f"{max_instructions}", "session.instructions", event_id, "string_above_max_length")
         changes["instructions"] = session["instructions"]
     if "output_modalities" in session:
         changes["output_modalities"] = _modalities(session["output_modalities"], "session.output_modalities", event_id)
@@ -397,12 +405,15 @@ def _item_text(item: Any, event_id: str | None) -> tuple[str | None, str, str]:
     return _item_id(item, event_id), role, " ".join(t.strip() for t in texts if t.strip())
 
 
-def parse(text: str, config: SessionConfig) -> RealtimeRequest:
-    """One client event as a typed request, or a :class:`RealtimeError`."""
+def parse(text: str, config: SessionConfig, max_instructions: int = 4096) -> RealtimeRequest:
+    """One client event as a typed request, or a :class:`RealtimeError`.
+
+    Decoded by the guard every face shares (size, then nesting, before the
+    decoder sees it): 30,000 nested lists in 60 KB took the session down."""
     try:
-        event = json.loads(text)
-    except ValueError:
-        raise _bad("the event is not valid JSON", code="invalid_json") from None
+        event = load_client_json(text, MAX_EVENT_CHARS, "the event")
+    except ValueError as exc:
+        raise _bad(str(exc), code="invalid_json") from None
     if not isinstance(event, dict):
         raise _bad("an event must be a JSON object with a type", code="invalid_json")
     event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
@@ -417,7 +428,8 @@ def parse(text: str, config: SessionConfig) -> RealtimeRequest:
         raise _bad(f"unsupported event type {kind[:60]!r}", "type", event_id) from None
     match known:
         case ClientEvent.SESSION_UPDATE:
-            return SessionUpdate(config=parse_session(config, event.get("session"), event_id), event_id=event_id)
+            return SessionUpdate(config=parse_session(config, event.get("session"), event_id, max_instructions),
+                                 event_id=event_id)
         case ClientEvent.AUDIO_APPEND:
             audio = event.get("audio")
             if not isinstance(audio, str):

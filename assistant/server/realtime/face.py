@@ -20,6 +20,7 @@ from pipeline.frames import Event
 
 from ..face import Link, Message, Route, SessionStart, SessionVerbs
 from .codec import (
+    INSTRUCTIONS_CHARS_PER_TOKEN,
     RATE,
     SUBPROTOCOL,
     AudioAppend,
@@ -57,8 +58,9 @@ class RealtimeFace(RealtimeProtocol):
 
     wants_start = False  # the session opens at once
 
-    def __init__(self, origin: float, pipeline_rate: int, model: str, instructions: str, agent: str = "") -> None:
-        super().__init__(origin, pipeline_rate, model, instructions)
+    def __init__(self, origin: float, pipeline_rate: int, model: str, instructions: str, agent: str = "",
+                 max_instructions: int = 4096) -> None:
+        super().__init__(origin, pipeline_rate, model, instructions, max_instructions)
         self.agent = agent
         self._session: SessionVerbs | None = None
         self._link: Link | None = None
@@ -180,7 +182,8 @@ def realtime_face(config: Config, request: Request | None, origin: float) -> Rea
     query = parse_qs(urlsplit(request.path if request is not None else "").query)
     model = (query.get("model") or ["local-model"])[0][:80]
     agent = request.headers.get("User-Agent", "") if request is not None else ""
-    return RealtimeFace(origin, config.audio.output_rate, model, config.llm.system_prompt, agent)
+    return RealtimeFace(origin, config.audio.output_rate, model, config.llm.system_prompt, agent,
+                        config.llm.max_model_len * INSTRUCTIONS_CHARS_PER_TOKEN)
 
 
 ROUTE = Route(REALTIME_PATH, realtime_face, subprotocols=(SUBPROTOCOL,), credential=subprotocol_key)

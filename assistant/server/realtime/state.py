@@ -108,8 +108,10 @@ class RealtimeProtocol(Closing):
     what a pipeline event becomes (often nothing, sometimes several events).
     """
 
-    def __init__(self, origin: float, pipeline_rate: int, model: str, instructions: str) -> None:
+    def __init__(self, origin: float, pipeline_rate: int, model: str, instructions: str,
+                 max_instructions: int = 4096) -> None:
         self.origin = origin
+        self.max_instructions = max_instructions
         self.pipeline_rate = pipeline_rate
         self.config = SessionConfig(model=model, instructions=instructions)
         self.session_id = _id("sess")
@@ -132,7 +134,7 @@ class RealtimeProtocol(Closing):
         return {"type": kind, "event_id": f"event_{self.session_id[5:13]}{next(self._events):06d}", **fields}
 
     def parse(self, text: str) -> RealtimeRequest:
-        return parse(text, self.config)
+        return parse(text, self.config, self.max_instructions)
 
     def session(self) -> Message:
         """The effective session, as session.created/updated carry it."""

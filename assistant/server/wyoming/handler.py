@@ -46,6 +46,7 @@ from ...components import conversation_of, segmenter_of, synthesizer_of, transcr
 from ...config import Config
 from ...models import Models
 from .info import build_info
+from .wire import WireError, read_event
 
 log = logging.getLogger("assistant.wyoming")
 
@@ -54,6 +55,7 @@ SAMPLES_PER_CHUNK = 1024  # reply audio per audio-chunk, as wyoming-piper sends 
 MAX_RATE = 384000
 MAX_CHANNELS = 16
 MAX_CONVERSATIONS = 256  # histories kept by conversation_id
+LINGER_S = 1.0  # after a header the stream cannot follow: input dropped this long before the close
 _connections = itertools.count(1)
 
 
@@ -152,12 +154,66 @@ class WyomingHandler(AsyncEventHandler):
         self.history = shared.new_conversation()  # without a conversation_id
 
     async def run(self) -> None:
+        """Events read through :mod:`.wire`'s limits, not the package's reader
+        (which trusts a header's lengths); a refused peer, a header it cannot
+        follow or a reset connection each end with one log line, no traceback."""
         self._task = asyncio.current_task()
+        refusal = self._refusal()
         self._handlers.add(self)
         try:
-            await super().run()
+            if refusal is not None:
+                log.info("%s: refused: %s", self.id, refusal[1])
+                await self._error(*refusal)
+                return
+            while True:
+                try:
+                    event = await read_event(self.reader)
+                except WireError as exc:
+                    log.info("%s: %s: %s", self.id, exc.code, exc.text)
+                    await self._error(exc.code, exc.text)
+                    if exc.fatal:
+                        await self._linger()
+                        break
+                    continue
+                if event is None or not await self.handle_event(event):
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            log.info("%s: connection lost (%s)", self.id, type(exc).__name__)
         finally:
             self._handlers.discard(self)
+            await self.disconnect()
+            self.writer.close()
+
+    async def _linger(self) -> None:
+        """Half-close and drop what the client still sends, for a moment, before the close:
+        closing with its bytes unread resets the connection, and a reset can
+        discard the ``error`` that says why before the client reads it."""
+        with contextlib.suppress(Exception):
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+            async with asyncio.timeout(LINGER_S):
+                while await self.reader.read(65536):
+                    pass
+
+    def _refusal(self) -> tuple[str, str] | None:
+        """Why this connection may not go on (an address not allowed, too many open), or None."""
+        import ipaddress
+
+        w = self.config.wyoming
+        peer = self.writer.get_extra_info("peername")
+        if w.allowed_clients and isinstance(peer, tuple):  # TCP; a Unix socket has its file permissions
+            try:
+                address = ipaddress.ip_address(str(peer[0]).split("%")[0])
+            except ValueError:
+                address = None
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            if address is None or not any(address in ipaddress.ip_network(c, strict=False)
+                                          for c in w.allowed_clients):
+                return "not-allowed", f"{peer[0]} is not in wyoming.allowed_clients"
+        if len(self._handlers) >= w.max_connections:
+            return "too-many-connections", f"{w.max_connections} connections are open (wyoming.max_connections)"
+        return None
 
     def cancel(self) -> None:
         """Server shutdown: stop whatever this connection is doing."""

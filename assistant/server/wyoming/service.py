@@ -125,6 +125,8 @@ def wyoming_command(args: Any, config: Config) -> int:
 
     from ...models import load_models
 
+    if args.uri is None:
+        args.uri = config.wyoming.uri
     server = parse_uri(args.uri)
     _check_listen(server, args.uri)
     if args.zeroconf is not None:
