@@ -53,3 +53,16 @@ def models(config: Config, run: Callable[..., Any]) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def manifest() -> dict[str, Any]:
     return json.loads((ASSETS / "manifest.json").read_text(encoding="utf-8"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-minutes", type=float, default=0.0, metavar="N",
+                     help="run each wire's fuzzer (tests/test_fuzz_protocol.py) for about N minutes instead of "
+                     "its bounded number of cases")
+
+
+@pytest.fixture()
+def fuzz_budget(request: pytest.FixtureRequest) -> tuple[int, float | None]:
+    """(cases, seconds) for a fuzzer: the suite's bounded default, or --fuzz-minutes."""
+    minutes = float(request.config.getoption("--fuzz-minutes"))
+    return (100_000, minutes * 60) if minutes > 0 else (40, None)
