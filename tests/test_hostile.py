@@ -247,3 +247,37 @@ def test_wyoming_allow_list_and_connection_bound(models: Any, run: Any) -> None:
     third, again = wyoming(run, models, full, "wyoming.max_connections=2", "wyoming.allowed_clients=[127.0.0.1]")
     assert third is not None and third["data"]["code"] == "too-many-connections"
     assert again
+
+
+def test_wyoming_idle_and_flooding_connections_are_closed_with_an_error(models: Any, run: Any) -> None:
+    """The limits /ws has (server.idle_timeout_s, server.max_messages_per_s) hold on Wyoming too."""
+
+    async def idle(port: int, server: Any) -> tuple[dict[str, Any] | None, bool]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        answer = await read_line_event(reader)  # sent nothing: the idle timeout answers
+        closed = await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        return answer, closed
+
+    answer, closed = wyoming(run, models, idle, "server.idle_timeout_s=1")
+    assert answer is not None and answer["data"]["code"] == "idle-timeout" and closed
+
+    async def flood(port: int, server: Any) -> list[str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        ping = (json.dumps(Ping(text="x").event().to_dict()) + "\n").encode()
+        try:
+            writer.write(ping * 200)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        kinds = []
+        try:
+            while (event := await read_line_event(reader)) is not None:
+                kinds.append(event["data"].get("code") if event["type"] == "error" else event["type"])
+        except ConnectionError:
+            pass
+        writer.close()
+        return kinds
+
+    kinds = wyoming(run, models, flood, "server.max_messages_per_s=10", "server.message_burst=20")
+    assert kinds[-1] == "message-rate" and 10 <= kinds.count("pong") < 200, kinds

@@ -33,7 +33,7 @@ from wyoming.ping import Ping, Pong
 from wyoming.server import AsyncEventHandler
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
-from audio.frame import pcm16_from_bytes
+from audio.frame import now, pcm16_from_bytes
 from audio.resample import Resampler
 from pipeline.asr import Hypothesis, WhisperTranscriber, has_words
 from pipeline.chunker import Segmenter
@@ -45,6 +45,7 @@ from pipeline.turns import Conversation
 from ...components import conversation_of, segmenter_of, synthesizer_of, transcriber_of
 from ...config import Config
 from ...models import Models
+from ..limits import TokenBucket
 from .info import build_info
 from .wire import WireError, read_event
 
@@ -165,9 +166,20 @@ class WyomingHandler(AsyncEventHandler):
                 log.info("%s: refused: %s", self.id, refusal[1])
                 await self._error(*refusal)
                 return
+            server = self.config.server
+            rate = TokenBucket(server.max_messages_per_s, server.message_burst)
             while True:
                 try:
-                    event = await read_event(self.reader)
+                    try:
+                        async with asyncio.timeout(server.idle_timeout_s):
+                            event = await read_event(self.reader)
+                    except TimeoutError:
+                        raise WireError("idle-timeout", f"nothing received for {server.idle_timeout_s:g} s "
+                                        "(server.idle_timeout_s)", fatal=True) from None
+                    if event is not None and not rate.take(1, now()):
+                        raise WireError("message-rate", f"more than {server.max_messages_per_s:g} events a "
+                                        f"second (server.max_messages_per_s, bursts of {server.message_burst})",
+                                        fatal=True)
                 except WireError as exc:
                     log.info("%s: %s: %s", self.id, exc.code, exc.text)
                     await self._error(exc.code, exc.text)
