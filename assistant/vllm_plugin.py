@@ -11,7 +11,7 @@ DYNAMO_TRACE_ONCE, backend ``inductor``) the saved function is torch's
 due to a load failure ... 'function' object has no attribute
 'finalize_loading'" and compiled for ~80 s. Torch's bundled function is
 complete when deserialized; there is nothing to finalize. With this the
-cache loads: `serve` ready 125 -> 69-74 s on a 2-core AVX-512 Xeon
+cache loads: `serve` ready 125 -> 43-48 s on a 2-core AVX-512 Xeon
 (README, Findings).
 
 Imports nothing of the project: it runs in vLLM's processes.

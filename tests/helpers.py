@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,9 @@ def transcribe(models: Any, pcm: Any, rate: int = 16000) -> str:
     audio = Resampler(rate, 16000).process(pcm) if rate != 16000 else pcm
     segments, _ = models.whisper.transcribe(np.asarray(audio).astype(np.float32) / 32768, language="en", beam_size=1)
     return " ".join(s.text for s in segments).strip()
+
+
+def no_tracebacks(caplog: Any) -> None:
+    """No record with a traceback or at ERROR and above (a client's bad input is one info line)."""
+    bad = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not bad, [(r.name, r.getMessage()[:200]) for r in bad]

@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import TEST_OVERRIDES
+from helpers import TEST_OVERRIDES, no_tracebacks
 from websockets.asyncio.client import connect
 from wyoming.client import AsyncTcpClient
 from wyoming.info import Describe
@@ -29,11 +29,6 @@ from assistant.server.listener import Server
 from assistant.server.wyoming import wyoming_server
 
 pytestmark = pytest.mark.slow
-
-
-def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
-    bad = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
-    assert not bad, [(r.name, r.getMessage()[:200]) for r in bad]
 
 
 def nested(levels: int) -> str:

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from helpers import no_tracebacks
+
 from assistant.config import load_config
 from assistant.server.listener import Server
 
@@ -45,11 +47,6 @@ def serve_and(body: Any) -> Any:
 def quiet_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.INFO)
     return caplog
-
-
-def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
-    bad = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
-    assert not bad, [(r.name, r.getMessage()[:200]) for r in bad]
 
 
 def test_a_very_long_path_is_414_with_one_short_log_line(quiet_log: pytest.LogCaptureFixture) -> None:

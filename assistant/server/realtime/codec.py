@@ -144,6 +144,7 @@ INSTRUCTIONS_CHARS_PER_TOKEN: Final = 2
 """Instructions may take up to half the model's context at ~4 characters a token
 (``max_model_len * 2`` characters): longer ones would leave no room for the
 history and the answer, and every response would fail at the context limit."""
+DEFAULT_MAX_INSTRUCTIONS: Final = 2048 * INSTRUCTIONS_CHARS_PER_TOKEN  # the bundled model's context
 
 
 def tool_json(tool: ToolSpec) -> dict[str, Any]:
@@ -299,7 +300,7 @@ def _format(value: Any, param: str, event_id: str | None) -> None:
 
 
 def parse_session(config: SessionConfig, session: Any, event_id: str | None,
-                  max_instructions: int = 4096) -> SessionConfig:
+                  max_instructions: int = DEFAULT_MAX_INSTRUCTIONS) -> SessionConfig:
     """``session.update``: only the fields present change; tracing and the like are ignored."""
     if not isinstance(session, dict):
         raise _bad("session must be an object", "session", event_id, "invalid_type")
@@ -405,7 +406,7 @@ def _item_text(item: Any, event_id: str | None) -> tuple[str | None, str, str]:
     return _item_id(item, event_id), role, " ".join(t.strip() for t in texts if t.strip())
 
 
-def parse(text: str, config: SessionConfig, max_instructions: int = 4096) -> RealtimeRequest:
+def parse(text: str, config: SessionConfig, max_instructions: int = DEFAULT_MAX_INSTRUCTIONS) -> RealtimeRequest:
     """One client event as a typed request, or a :class:`RealtimeError`.
 
     Decoded by the guard every face shares (size, then nesting, before the

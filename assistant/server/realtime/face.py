@@ -20,6 +20,7 @@ from pipeline.frames import Event
 
 from ..face import Link, Message, Route, SessionStart, SessionVerbs
 from .codec import (
+    DEFAULT_MAX_INSTRUCTIONS,
     INSTRUCTIONS_CHARS_PER_TOKEN,
     RATE,
     SUBPROTOCOL,
@@ -59,7 +60,7 @@ class RealtimeFace(RealtimeProtocol):
     wants_start = False  # the session opens at once
 
     def __init__(self, origin: float, pipeline_rate: int, model: str, instructions: str, agent: str = "",
-                 max_instructions: int = 4096) -> None:
+                 max_instructions: int = DEFAULT_MAX_INSTRUCTIONS) -> None:
         super().__init__(origin, pipeline_rate, model, instructions, max_instructions)
         self.agent = agent
         self._session: SessionVerbs | None = None

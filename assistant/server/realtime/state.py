@@ -24,6 +24,7 @@ from pipeline.frames import Event
 
 from ..face import Closing, ErrorCode, Message, SessionStart, encode
 from .codec import (
+    DEFAULT_MAX_INSTRUCTIONS,
     FORMAT,
     RATE,
     RealtimeError,
@@ -109,7 +110,7 @@ class RealtimeProtocol(Closing):
     """
 
     def __init__(self, origin: float, pipeline_rate: int, model: str, instructions: str,
-                 max_instructions: int = 4096) -> None:
+                 max_instructions: int = DEFAULT_MAX_INSTRUCTIONS) -> None:
         self.origin = origin
         self.max_instructions = max_instructions
         self.pipeline_rate = pipeline_rate

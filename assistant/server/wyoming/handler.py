@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
 import time
@@ -83,13 +84,15 @@ class _Shared:
     info: Event
     transcriber: WhisperTranscriber
     synthesizer: PiperSynthesizer
+    allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # wyoming.allowed_clients, parsed once
     conversations: OrderedDict[str, Conversation] = field(default_factory=OrderedDict)
     turns: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     @classmethod
     def of(cls, models: Models, config: Config) -> _Shared:
         return cls(models=models, config=config, info=build_info(models, config).event(),
-                   transcriber=transcriber_of(models, config), synthesizer=synthesizer_of(models.piper, config))
+                   transcriber=transcriber_of(models, config), synthesizer=synthesizer_of(models.piper, config),
+                   allowed=tuple(ipaddress.ip_network(c, strict=False) for c in config.wyoming.allowed_clients))
 
     def new_conversation(self) -> Conversation:
         return conversation_of(self.models, self.config)
@@ -209,19 +212,16 @@ class WyomingHandler(AsyncEventHandler):
 
     def _refusal(self) -> tuple[str, str] | None:
         """Why this connection may not go on (an address not allowed, too many open), or None."""
-        import ipaddress
-
         w = self.config.wyoming
         peer = self.writer.get_extra_info("peername")
-        if w.allowed_clients and isinstance(peer, tuple):  # TCP; a Unix socket has its file permissions
+        if self.shared.allowed and isinstance(peer, tuple):  # TCP; a Unix socket has its file permissions
             try:
                 address = ipaddress.ip_address(str(peer[0]).split("%")[0])
             except ValueError:
                 address = None
             if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
                 address = address.ipv4_mapped
-            if address is None or not any(address in ipaddress.ip_network(c, strict=False)
-                                          for c in w.allowed_clients):
+            if address is None or not any(address in network for network in self.shared.allowed):
                 return "not-allowed", f"{peer[0]} is not in wyoming.allowed_clients"
         if len(self._handlers) >= w.max_connections:
             return "too-many-connections", f"{w.max_connections} connections are open (wyoming.max_connections)"
