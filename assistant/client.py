@@ -129,7 +129,10 @@ class RemoteSession:
             why = "connection refused" if isinstance(exc, ConnectionRefusedError) else (exc.strerror or str(exc))
             raise ClientError(f"cannot connect to {ws_url}: {why}") from None
         try:
-            await ws.send(encode(session_start(input_rate, output_rate, client)))
+            # A server with no room refuses at once, maybe before session.start
+            # arrives: the send then fails, and its error is still read below.
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(encode(session_start(input_rate, output_rate, client)))
             async with asyncio.timeout(open_timeout):
                 while True:
                     message = await ws.recv()

@@ -177,6 +177,8 @@ class ServerConfig:
     auth_token: str | None
     allowed_origins: list[str]
     max_sessions: int
+    load_threshold: float
+    load_window_s: float
     max_message_bytes: int
     idle_timeout_s: float
     ping_interval_s: float
@@ -334,6 +336,8 @@ _CHECKS: dict[str, tuple[Any, Any]] = {
     "server.message_burst": (10, 1000000),
     "server.jitter_buffer_ms": (0, 5000),
     "server.shutdown_grace_s": (0, 60),
+    "server.load_threshold": (0.1, 10.0),
+    "server.load_window_s": (1, 3600),
     "wyoming.max_connections": (1, 1000),
     "kiosk.idle_s": (1.0, 3600.0),
     "kiosk.metrics_port": (0, 65535),

@@ -137,14 +137,26 @@ class Telemetry:
         self.asyncio_tasks = Gauge("voice_assistant_asyncio_tasks", "Tasks alive on the event loop.", registry=r)
         self.threads = Gauge("voice_assistant_threads", "OS threads of the process.", registry=r)
         self.threads.set_function(os_threads)
+        self.load = Gauge(
+            "voice_assistant_load",
+            "Room for one more session: below 1 the server accepts one (assistant/server/capacity.py).",
+            registry=r,
+        )
+        self.accepting = Gauge("voice_assistant_accepting", "1 while a new session would be admitted.", registry=r)
         ProcessCollector(registry=r)
         self._engine_state: Callable[[], str] | None = None
+        self.voice_to_voice_listeners: list[Callable[[float], None]] = []  # each turn's ms (admission)
 
     # ---- feeding --------------------------------------------------------
 
     def watch_engine(self, health: Callable[[], dict[str, Any]]) -> None:
         """Read the engine's state at each scrape (``models.llm.health``)."""
         self.engine_up.set_function(lambda: 1.0 if health().get("state") == "up" else 0.0)
+
+    def watch_load(self, read: Callable[[], Any]) -> None:
+        """Read the admission state (a :class:`~assistant.server.capacity.Load`) at each scrape."""
+        self.load.set_function(lambda: float(read().load))
+        self.accepting.set_function(lambda: 1.0 if read().accepting else 0.0)
 
     def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Count the loop's live tasks at each scrape (scrapes run on that loop)."""
@@ -174,6 +186,8 @@ class Telemetry:
                     continue
                 if stage == "voice_to_voice":
                     self.voice_to_voice.observe(ms / 1000)
+                    for listener in self.voice_to_voice_listeners:
+                        listener(ms)
                 else:
                     self.stage_latency.labels(stage=stage).observe(ms / 1000)
             count_rejected()

@@ -137,3 +137,27 @@ def test_a_second_request_on_a_kept_alive_connection_is_closed_cleanly(quiet_log
     assert all(head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower() and rest == b""
                for head, rest in seen)
     no_tracebacks(quiet_log)
+
+
+def test_readyz_is_the_load_balancers_check(quiet_log: pytest.LogCaptureFixture) -> None:
+    """/healthz is 200 while the process runs; /readyz is 503 while it would refuse a session
+    (here: no engine), 200 once it would take one, with the same JSON body."""
+    import json
+
+    async def body(server: Server) -> tuple[Any, Any, Any]:
+        not_ready = await raw(server.port, request("GET", "/readyz"))
+        health = await raw(server.port, request("GET", "/healthz"))
+        server.models = type("Up", (), {"llm": type("LLM", (), {"health": staticmethod(lambda: {"state": "up"})})})()
+        for _ in range(server.config.server.max_sessions):
+            server._connections.add(object())  # type: ignore[arg-type]
+        full = await raw(server.port, request("GET", "/readyz"))
+        server._connections.clear()
+        ready = await raw(server.port, request("GET", "/readyz"))
+        return not_ready, health, (full, ready)
+
+    not_ready, health, (full, ready) = serve_and(body)
+    assert not_ready[0] == 503 and json.loads(not_ready[2])["ready"] is False
+    assert health[0] == 200 and json.loads(health[2])["accepting"] is True
+    assert full[0] == 503 and "limit of 8 sessions" in json.loads(full[2])["reason"]
+    assert ready[0] == 200 and json.loads(ready[2])["load"] == 0.0
+    no_tracebacks(quiet_log)

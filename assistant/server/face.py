@@ -159,10 +159,10 @@ def start_timeout(seconds: float) -> ProtocolError:
     return ProtocolError(ErrorCode.PROTOCOL, f"no session.start within {seconds:.0f} s", fatal=True)
 
 
-def too_many_sessions(limit: int) -> ProtocolError:
-    return ProtocolError(
-        ErrorCode.TOO_MANY_SESSIONS, f"the server is at its limit of {limit} sessions; try again later", fatal=True
-    )
+def too_many_sessions(limit: int, reason: str | None = None) -> ProtocolError:
+    """The refusal of a session the server has no room for: at ``limit``, or ``reason`` (its load)."""
+    why = reason if reason is not None else f"at its limit of {limit} sessions"
+    return ProtocolError(ErrorCode.TOO_MANY_SESSIONS, f"the server is {why}; try again later", fatal=True)
 
 
 def input_too_fast() -> ProtocolError:

@@ -43,6 +43,7 @@ from pipeline.frames import now
 from ..config import Config
 from ..telemetry import Telemetry
 from . import realtime, v1
+from .capacity import Capacity, Load
 from .connection import CLOSE_TIMEOUT_S, SETTLE_TIMEOUT_S, Connection
 from .face import Route, too_many_sessions
 from .http import ALLOWED_METHODS, MAX_PATH_CHARS, WEB_DIR, HTTPConnection, peer, response, static_file, url_host
@@ -103,6 +104,10 @@ class Server:
         self._started_at = time.monotonic()
         self.hurried = asyncio.Event()  # a second signal: in-flight turns get no more grace
         self.telemetry = Telemetry()
+        self.capacity = Capacity(s.max_sessions, config.budgets.voice_to_voice_ms, s.load_threshold, s.load_window_s)
+        self.telemetry.voice_to_voice_listeners.append(self.capacity.turn)
+        self.telemetry.watch_load(self.load)
+        self._watch: asyncio.Task[None] | None = None
         if models is not None:  # (the HTTP tests run a server without models)
             self.telemetry.models_loaded.set(1)
             self.telemetry.watch_engine(models.llm.health)
@@ -126,6 +131,7 @@ class Server:
             **where,
         )
         self.port = self._ws.sockets[0].getsockname()[1]
+        self._watch = asyncio.get_running_loop().create_task(self.capacity.watch_loop(), name="loop-lag")
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop listening, end every session (in-flight turns get ``grace``), close."""
@@ -133,6 +139,8 @@ class Server:
             return
         if grace is not None:
             self.shutdown_grace_s = grace
+        if self._watch is not None:
+            self._watch.cancel()
         self._ws.close(close_connections=False)
         for connection in list(self._connections):
             connection.end("shutdown")
@@ -161,6 +169,10 @@ class Server:
     def sessions(self) -> int:
         return len(self._connections)
 
+    def load(self) -> Load:
+        """Whether one more session fits now (:mod:`.capacity`)."""
+        return self.capacity.read(len(self._connections))
+
     @property
     def url(self) -> str:
         return f"http://{url_host(self.host)}:{self.port}/"
@@ -187,10 +199,12 @@ class Server:
             await ws.close(CloseCode.INTERNAL_ERROR, "no face for this path")
             return
         connection = Connection(self, ws, route.face(self.config, ws.request, now()))
-        if len(self._connections) >= self.config.server.max_sessions:
-            log.info("connection from %s refused: %d sessions open", connection.peer, len(self._connections))
+        load = self.load()
+        if not load.accepting:
+            log.info("connection from %s refused: %s (%d sessions open)", connection.peer, load.reason,
+                     len(self._connections))
             with contextlib.suppress(Exception):
-                await connection.refuse(too_many_sessions(self.config.server.max_sessions))
+                await connection.refuse(too_many_sessions(self.config.server.max_sessions, load.reason))
             return
         self._connections.add(connection)
         try:
@@ -232,22 +246,30 @@ class Server:
         if path == "/metrics":
             body, content_type = self.telemetry.exposition()
             return response(http.HTTPStatus.OK, body, content_type)
-        if path == "/healthz":
+        if path in ("/healthz", "/readyz"):
             serving = self._ws is not None and self._ws.is_serving()
             engine = self.models.llm.health() if self.models is not None else {"state": "none"}
+            load = self.load()
+            ready = serving and engine["state"] == "up"
             body = {
                 # up: the process answers; ready: it can hold a conversation
                 # (models loaded, which a Server implies, and the engine answering)
                 "status": "ok" if serving else "stopping",
-                "ready": serving and engine["state"] == "up",
+                "ready": ready,
                 "protocol": PROTOCOL_VERSION,
                 "sessions": len(self._connections),
                 "max_sessions": self.config.server.max_sessions,
+                **load.json(),
                 "auth": self.token is not None,
                 "uptime_s": round(time.monotonic() - self._started_at, 1),
                 "engine": engine,
             }
-            return response(http.HTTPStatus.OK, json.dumps(body).encode(), "application/json")
+            # /healthz: the process answers (200 while it runs); /readyz: send
+            # it a new session (200) or not (503), for a load balancer's check.
+            status = http.HTTPStatus.OK
+            if path == "/readyz" and not (ready and load.accepting):
+                status = http.HTTPStatus.SERVICE_UNAVAILABLE
+            return response(status, json.dumps(body).encode(), "application/json")
         return static_file(self.web_dir, path)
 
     def _check_handshake(self, ws: ServerConnection, request: Request, query: str) -> Response | None:
