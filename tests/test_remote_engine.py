@@ -164,9 +164,10 @@ def test_a_spoken_question_is_answered_by_the_server(models: Any, engine_url: st
     assert not [e for e in events if isinstance(e, StageError)]
     # The history holds the exchange, as with the local engine.
     assert [m["role"] for m in session.conversation.messages()] == ["system", "user", "assistant"]
-    # Every request carried the session's id, for a router's session affinity.
+    # Every request carried the session's id, for a router's session affinity,
+    # tagged with this process's so that two voice servers' "s1" differ.
     posts = [h for h in relay.heads if h.startswith("POST /v1/chat/completions")]
-    assert posts and all(f"x-session-id: {session.id}" in h.lower() for h in posts)
+    assert posts and all(f"x-session-id: {remote.llm.tag}-{session.id}" in h.lower() for h in posts)
     # Nothing left running on the server (read directly: the relay needs the loop).
     assert RemoteModel(RemoteSettings.from_config(remote_config(engine_url))).pending_requests() == 0
 

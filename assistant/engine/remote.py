@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,11 @@ class RemoteModel:
         self.error: str | None = None
         self._probe: asyncio.Task[None] | None = None
         self._open: dict[str, Any] = {}  # request id -> its open stream
+        # Session ids ("s1") are per process: several voice servers on one
+        # router would send the same X-Session-ID (one replica for all their
+        # first sessions) and the same X-Request-ID. This process's tag makes
+        # both unique across the fleet.
+        self.tag = uuid.uuid4().hex[:8]
 
     # ---- the LanguageModel calls -----------------------------------------
 
@@ -141,7 +147,7 @@ class RemoteModel:
                 temperature=s.temperature,
                 top_p=s.top_p if s.temperature > 0 else 1.0,
                 extra_body={"min_tokens": s.min_tokens} if s.min_tokens else None,
-                extra_headers={"X-Session-ID": session_id, "X-Request-ID": request_id},
+                extra_headers={"X-Session-ID": f"{self.tag}-{session_id}", "X-Request-ID": f"{self.tag}-{request_id}"},
                 **self._tool_fields(tools, tool_choice, schema),
             )
         except openai.APIConnectionError as exc:  # includes timeouts
