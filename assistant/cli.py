@@ -6,6 +6,8 @@ Commands:
   bench --audio DIR_OR_FILES [--json OUT.json]
   devices
   serve [--host H] [--port P] [--token T]
+  engine [--host H] [--port P] [--extra FLAGS]
+  fleet [--engines N] [--servers M] [--port P] [--topology FILE]
   wyoming [--uri tcp://HOST:PORT] [--zeroconf [NAME]]
   client --url ws://HOST:PORT --input FILE [--output OUT.wav] [--token T]
 
@@ -143,6 +145,31 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--ready-timeout", type=float, default=600.0, metavar="S",
                         help="seconds to wait for the server to answer (default 600)")
 
+    fleet = sub.add_parser(
+        "fleet", parents=[common], help="engine replicas, vLLM's router, voice servers and HAProxy, started together",
+        description=(
+            "Start N vLLM engine replicas, vllm-router in front of them, M voice servers on the router and "
+            "HAProxy in front of those (docs/deploy.md section 4), wait until each answers, print the one ws:// "
+            "URL, and stop everything on SIGTERM or Ctrl+C. On one machine the parts take free loopback ports; "
+            "--topology gives their addresses on several hosts."
+        ),
+    )
+    fleet.add_argument("--engines", type=int, default=2, metavar="N", help="engine replicas (default 2)")
+    fleet.add_argument("--servers", type=int, default=2, metavar="M", help="voice servers (default 2)")
+    fleet.add_argument("--host", metavar="HOST", help="the load balancer's address (default 127.0.0.1)")
+    fleet.add_argument("--port", type=int, metavar="PORT", help="the load balancer's port (default server.port)")
+    fleet.add_argument("--policy", default="consistent_hash", choices=["consistent_hash", "round_robin", "random",
+                       "power_of_two", "cache_aware"], help="vllm-router's policy (default consistent_hash: a "
+                       "session stays on the replica that caches its prompt, keyed on X-Session-ID)")
+    fleet.add_argument("--topology", metavar="FILE", help="YAML file of the parts' addresses on several hosts "
+                       "(examples/fleet.yaml); overrides --engines, --servers, --host, --port, --policy")
+    fleet.add_argument("--only", nargs="+", choices=["engines", "router", "servers", "balancer"], metavar="KIND",
+                       help="start only these kinds of parts here (engines router servers balancer); wait for "
+                       "the others at their addresses")
+    fleet.add_argument("--logs", metavar="DIR", help="where each part's log goes (default: a new temporary folder)")
+    fleet.add_argument("--ready-timeout", type=float, default=600.0, metavar="S",
+                       help="seconds each kind of part may take to answer (default 600)")
+
     wyoming = sub.add_parser(
         "wyoming", parents=[common], help="Wyoming server for Home Assistant: speech-to-text, text-to-speech, "
         "conversation agent", description=(
@@ -211,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             from .server.serve import serve
 
             return serve(args, config)
+        if args.command == "fleet":
+            from .fleet import fleet_command
+
+            return fleet_command(args, config)
         if args.command == "wyoming":
             from .server.wyoming import wyoming_command
 

