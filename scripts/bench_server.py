@@ -20,6 +20,16 @@ per engine step):
 
     .venv/bin/python scripts/bench_server.py --sessions 4 \\
         --url ws://127.0.0.1:8801 ws://127.0.0.1:8802 --engine-url http://127.0.0.1:8000/v1
+
+Through a fleet (``voice-assistant fleet``): the load balancer's URL, each
+engine replica's URL (figures per replica: requests, prefix-cache hit
+rate), and a capacity curve, one run per session count::
+
+    .venv/bin/python scripts/bench_server.py --url ws://127.0.0.1:8790/ws --sessions 1 2 4 6 8 \\
+        --engine-url http://127.0.0.1:8001 http://127.0.0.1:8002
+
+A session the server refuses (load-aware admission, "too many sessions")
+is counted as refused and its turns as lost.
 """
 
 from __future__ import annotations
@@ -45,8 +55,13 @@ from pipeline.metrics import percentile  # noqa: E402
 
 async def one_session(url: str, token: str | None, index: int, questions: list[np.ndarray], gap_s: float,
                       stagger_s: float) -> dict[str, Any]:
+    from assistant.client import ClientError
+
     await asyncio.sleep(index * stagger_s)
-    session = await RemoteSession.open(url, token=token, client=f"bench-{index}")
+    try:
+        session = await RemoteSession.open(url, token=token, client=f"bench-{index}")
+    except ClientError as exc:
+        return {"session": None, "turns": [], "ended": None, "close": None, "refused": str(exc)}
     order = questions[index % len(questions) :] + questions[: index % len(questions)]
     gap = np.zeros(int(16000 * gap_s), np.int16)
     for pcm in order:
@@ -117,9 +132,11 @@ async def in_process(args: argparse.Namespace, questions: list[np.ndarray]) -> l
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", nargs="+", help="running server(s) (default: start one in-process)")
-    parser.add_argument("--engine-url", help="the remote engine the servers share: report its /metrics figures")
+    parser.add_argument("--engine-url", nargs="+", default=[],
+                        help="the remote engine(s) the servers share, each replica's URL: report their /metrics figures")
     parser.add_argument("--token", help="bearer token for --url")
-    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--sessions", type=int, nargs="+", default=[4],
+                        help="concurrent sessions; several counts: one run each, then the capacity curve")
     parser.add_argument("--questions", type=int, default=0, help="use only the first N questions (0 = all)")
     parser.add_argument("--gap", type=float, default=0.5, help="silence after each answer, seconds")
     parser.add_argument("--stagger", type=float, default=0.7, help="delay between session starts, seconds")
@@ -132,16 +149,40 @@ def main() -> int:
     if args.questions:
         files = files[: args.questions]
     questions = [read_wav(f)[0] for f in files]
-    scrape = None
-    if args.engine_url:
-        from assistant.telemetry import scrape as scrape_url
+    curve = []
+    runs = []
+    ok = True
+    for sessions in args.sessions:
+        args_one = argparse.Namespace(**{**vars(args), "sessions": sessions})
+        run = one_run(args_one, questions)
+        runs.append(run)
+        curve.append((sessions, run["summary"]))
+        ok = ok and run["summary"]["lost"] == 0
+    if len(curve) > 1:
+        print("\ncapacity curve (voice to voice ms; lost = turns not completed, refused = sessions refused):")
+        print("  sessions    p50    p95    max   lost  refused")
+        for sessions, sm in curve:
+            print(f"  {sessions:8d} {_fmt(sm['p50']):>6} {_fmt(sm['p95']):>6} {_fmt(sm['max']):>6} "
+                  f"{sm['lost']:6d} {sm['refused']:8d}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs if len(runs) > 1 else runs[0], indent=2) + "\n")
+    return 0 if ok else 1
 
-        root = args.engine_url.rstrip("/").removesuffix("/v1")
 
-        def scrape() -> list[Any]:
-            return scrape_url(root + "/metrics")
+def _fmt(ms: float | None) -> str:
+    return "n/a" if ms is None else f"{ms:.0f}"
 
-        before = scrape()
+
+def one_run(args: argparse.Namespace, questions: list[np.ndarray]) -> dict[str, Any]:
+    """One run at ``args.sessions`` sessions: prints its figures, returns them."""
+    from assistant.telemetry import scrape as scrape_url
+
+    roots = [u.rstrip("/").removesuffix("/v1") for u in args.engine_url]
+
+    def scrape() -> list[list[Any]]:
+        return [scrape_url(root + "/metrics") for root in roots]
+
+    before = scrape()
     started = time.monotonic()
     if args.url:
         results = asyncio.run(bench(args.url, args.token, args.sessions, questions, args.gap, args.stagger))
@@ -153,13 +194,20 @@ def main() -> int:
            and t["voice_to_voice_ms"] is not None]
     completed = sum(1 for r in results for t in r["turns"] if t["status"] == "completed")
     expected = args.sessions * len(questions)
+    refused = [r for r in results if r.get("refused")]
     print(f"{args.sessions} concurrent sessions x {len(questions)} questions, real-time pace ({wall:.0f} s)")
     for r in results:
+        if r.get("refused"):
+            print(f"  refused: {r['refused']}")
+            continue
         statuses = [t["status"] for t in r["turns"]]
         print(f"  {r['session']}: {statuses.count('completed')}/{len(questions)} completed, ended {r['ended']} "
               f"(close {r['close']}), v2v ms {[round(t['voice_to_voice_ms'] or 0) for t in r['turns']]}")
-    print(f"completed turns: {completed}/{expected}")
+    print(f"completed turns: {completed}/{expected}" + (f", {len(refused)} session(s) refused" if refused else ""))
+    summary: dict[str, Any] = {"p50": None, "p95": None, "max": None, "lost": expected - completed,
+                               "refused": len(refused)}
     if v2v:
+        summary.update(p50=percentile(v2v, 50), p95=percentile(v2v, 95), max=max(v2v))
         print(f"voice-to-voice: p50 {percentile(v2v, 50):.0f} ms, p95 {percentile(v2v, 95):.0f} ms, "
               f"max {max(v2v):.0f} ms, mean {statistics.fmean(v2v):.0f} ms (n={len(v2v)})")
     servers = sorted({r.get("server") for r in results if r.get("server")})
@@ -169,15 +217,13 @@ def main() -> int:
                    if t["status"] == "completed" and t["voice_to_voice_ms"] is not None]
             if own:
                 print(f"  {url}: p50 {percentile(own, 50):.0f} ms, p95 {percentile(own, 95):.0f} ms (n={len(own)})")
-    figures = None
-    if scrape is not None:
-        figures = engine_figures(before, scrape())
-        shown = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in figures.items())
-        print(f"engine: {shown}")
-    if args.json:
-        data = {"sessions": results, "wall_s": round(wall, 1), "engine": figures}
-        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
-    return 0 if completed == expected else 1
+    figures = []
+    for root, b, a in zip(roots, before, scrape()):
+        one = engine_figures(b, a)
+        figures.append({"engine": root, **one})
+        shown = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in one.items())
+        print(f"engine {root}: {shown}")
+    return {"sessions": results, "wall_s": round(wall, 1), "engines": figures, "summary": summary}
 
 
 if __name__ == "__main__":

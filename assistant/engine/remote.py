@@ -154,6 +154,9 @@ class RemoteModel:
             self._went_down(_reason(exc))
             raise EngineUnavailable(self._down_message()) from None
         except openai.APIStatusError as exc:
+            if exc.status_code in (502, 503, 504):  # a router with no live replica, a proxy with no upstream
+                self._went_down(f"{exc.status_code} {_detail(exc)}")
+                raise EngineUnavailable(self._down_message()) from None
             raise EngineUnavailable(
                 f"the language model server at {s.url} refused the request: {exc.status_code} {_detail(exc)}"
             ) from None
@@ -301,4 +304,8 @@ def _detail(exc: Any) -> str:
         message = inner.get("message") if isinstance(inner, dict) else body.get("message")
         if message:
             return str(message)[:200]
+    response = getattr(exc, "response", None)
+    text = getattr(response, "text", "") if response is not None else ""
+    if isinstance(text, str) and text.strip() and not text.lstrip().startswith(("{", "<")):
+        return text.strip().splitlines()[0][:200]  # a plain-text answer (vllm-router: "No workers are ...")
     return str(getattr(exc, "message", exc))[:200]
